@@ -1,0 +1,111 @@
+"""`repblend` command line: one subcommand per stage, plus `run` for all of them.
+
+Every subcommand takes `--config FILE`, `key=value` overrides and `--run-dir DIR`. User errors print
+one line and exit non-zero; `--debug` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from repblend.stages.errors import RepblendError, StageNotImplementedError
+
+log = logging.getLogger("repblend")
+
+_STAGE_COMMANDS = {
+    "run": "ingest, encode, buffer, distill, evaluate and export in one resumable job",
+    "encode": "encode the train and eval splits with the frozen encoders into a feature cache",
+    "buffer": "train expert trajectories on the cached features",
+    "distill": "distill the synthetic set",
+    "eval": "evaluate the distilled set, coresets and the full-data bound",
+    "tune": "Ray Tune search over the blend parameters",
+    "export": "write the distilled set as safetensors and WebDataset shards",
+}
+
+
+def _add_common(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    parser.add_argument("--config", required=config_required, help="YAML config file (see configs/)")
+    parser.add_argument("--run-dir", help="run directory (default: runs/<run.name>)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.iterations=10")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repblend", description="Multimodal dataset distillation (RepBlend) on Ray")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in _STAGE_COMMANDS.items():
+        _add_common(sub.add_parser(name, help=help_text, description=help_text))
+    validate = sub.add_parser("validate", help="check a config and print it fully resolved")
+    _add_common(validate)
+    convert = sub.add_parser("convert", help="write the configured dataset (all splits) as WebDataset shards")
+    _add_common(convert)
+    convert.add_argument("--out", required=True, help="output folder for the .tar shards")
+    convert.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    report = sub.add_parser("report", help="results table and plots of a run directory")
+    report.add_argument("run_dir_pos", metavar="RUN_DIR")
+    report.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        raise StageNotImplementedError("repblend report is not implemented yet (planned: results table and plots)")
+
+    from repblend.pipeline import steps
+    from repblend.pipeline.config import load_config, to_yaml
+    from repblend.pipeline.rundir import mark_stage_done, prepare_run_dir
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "validate":
+        print(to_yaml(config), end="")
+        return 0
+    if args.command == "convert":
+        from repblend.stages.wds import write_webdataset
+
+        shards = write_webdataset(steps.load_table(config), args.out, shard_size=args.shard_size)
+        print(f"wrote {len(shards)} shards to {args.out}")
+        return 0
+
+    run_dir = prepare_run_dir(config, args.run_dir, args.command)
+    log.info("run directory: %s", run_dir)
+    if args.command in ("encode", "run"):
+        caches = steps.encode(config)
+        mark_stage_done(run_dir, "encode", {split: str(c.tensors_path) for split, c in caches.items()})
+        if args.command == "encode":
+            for split, cache in caches.items():
+                m = cache.manifest()
+                print(f"{split}: {m['num_images']} images x {m['image_encoder']['feature_dim']}, "
+                      f"{m['num_captions']} captions x {m['text_encoder']['feature_dim']} -> {cache.tensors_path}")
+            return 0
+    stage = "buffer" if args.command == "run" else args.command
+    raise StageNotImplementedError(f"repblend {args.command}: the {stage} stage is not implemented yet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    _setup_logging()
+    try:
+        return _dispatch(args)
+    except RepblendError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"repblend {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"repblend {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Typed config schema, YAML loading and `key=value` overrides.
+
+The schema is a tree of dataclasses merged with OmegaConf: YAML on top of the defaults, then the CLI
+dotlist. OmegaConf rejects unknown keys and wrong types; we turn its exceptions into one-line
+`ConfigError`s that name the key (with a close-match suggestion) so a typo never runs silently.
+Names follow the reference code (`syn_steps`, `expert_epochs`, `lr_img`...) so numbers compare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from repblend.stages.errors import ConfigError
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class DataConfig:
+    """Where the image-caption pairs come from."""
+
+    name: str = "flickr8k"  # label for caches and reports
+    format: str = "flickr8k"  # flickr8k | karpathy | webdataset
+    root: str = ""  # dataset folder (flickr8k, karpathy) or shard pattern/folder (webdataset)
+    images: str = "images"  # images folder, relative to root (flickr8k, karpathy)
+    annotations: str = ""  # flickr8k: caption file (default Flickr8k.token.txt); karpathy: the JSON file
+    train_split: str = "train"
+    eval_split: str = "dev"  # the split results are reported on
+    max_train_images: int = 0  # 0 = all; otherwise a seeded subset (CPU configs)
+    max_eval_images: int = 0
+    on_error: str = "stop"  # stop | skip (skip bad items with a warning)
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, ("flickr8k", "karpathy", "webdataset"))
+        _choice("data.on_error", self.on_error, ("stop", "skip"))
+        _positive("data.max_train_images", self.max_train_images, allow_zero=True)
+        _positive("data.max_eval_images", self.max_eval_images, allow_zero=True)
+
+
+@dataclass
+class ImageEncoderConfig:
+    name: str = "efficientnet_lite0"  # timm name, "open_clip:<arch>" or "tiny"
+    weights: str = "package"  # package | random | hub | <path to a weights file>
+    image_size: int = 224
+
+    def __post_init__(self) -> None:
+        _positive("encoders.image.image_size", self.image_size)
+
+
+@dataclass
+class TextEncoderConfig:
+    name: str = "all-MiniLM-L6-v2"  # transformers name/folder or "tiny"
+    weights: str = "package"  # package | random | hub | <path to a model folder>
+    pooling: str = "mean"  # mean | cls (the paper's BERT uses cls)
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        _choice("encoders.text.pooling", self.pooling, ("mean", "cls"))
+        _positive("encoders.text.max_length", self.max_length)
+
+
+@dataclass
+class EncodersConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image_batch_size: int = 64
+    text_batch_size: int = 256
+    num_workers: int = 2  # image decoding workers
+
+    def __post_init__(self) -> None:
+        _positive("encoders.image_batch_size", self.image_batch_size)
+        _positive("encoders.text_batch_size", self.text_batch_size)
+        _positive("encoders.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class CacheConfig:
+    """Frozen-encoder features, computed once per (data, encoders) and shared by runs."""
+
+    dir: str = ""  # "" = runs/cache/<key> (content-addressed); a path = exactly that folder
+    dtype: str = "float16"  # float16 halves the cache (and what travels to a GPU machine)
+    overwrite: bool = False  # rebuild a cache whose manifest does not match instead of refusing
+
+    def __post_init__(self) -> None:
+        _choice("cache.dtype", self.dtype, ("float16", "float32"))
+
+
+@dataclass
+class ModelConfig:
+    """Projection heads on the frozen encoders (ALGORITHMS.md section 1)."""
+
+    embed_dim: int = 1024  # paper: 2304
+    dropout: float = 0.1
+    temperature: float = 0.07
+
+    def __post_init__(self) -> None:
+        _positive("model.embed_dim", self.embed_dim)
+        _positive("model.temperature", self.temperature)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class BufferConfig:
+    """Expert trajectories (ALGORITHMS.md section 2)."""
+
+    num_experts: int = 20
+    train_epochs: int = 10
+    lr_teacher_img: float = 0.1
+    lr_teacher_txt: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    save_all_epochs: bool = False  # False: only epochs 0..max_start_epoch+expert_epochs are kept
+
+    def __post_init__(self) -> None:
+        for key in ("num_experts", "train_epochs", "batch_size"):
+            _positive(f"buffer.{key}", getattr(self, key))
+        _positive("buffer.lr_teacher_img", self.lr_teacher_img)
+        _positive("buffer.lr_teacher_txt", self.lr_teacher_txt)
+
+
+@dataclass
+class BlendConfig:
+    """Representation blending: lambda ~ Beta(beta_a, beta_b), shared by both modalities."""
+
+    enabled: bool = True
+    beta_a: float = 1.0
+    beta_b: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("blend.beta_a", self.beta_a)
+        _positive("blend.beta_b", self.beta_b)
+
+
+@dataclass
+class DistillConfig:
+    """The synthetic set and its optimisation (ALGORITHMS.md sections 3-4)."""
+
+    mode: str = "repblend"  # repblend (symmetric heads matching) | lors (asymmetric: image side matches the encoder)
+    space: str = "pixel"  # pixel (paper) | feature (synthetic image FEATURES, no encoder in the loop)
+    num_queries: int = 99  # N synthetic pairs ("100 pairs" is 99 in the references)
+    iterations: int = 3000
+    syn_steps: int = 8
+    expert_epochs: int = 1
+    max_start_epoch: int = 2
+    mini_batch_size: int = 20
+    lr_img: float = 100.0
+    lr_txt: float = 100.0
+    lr_lr: float = 1e-2
+    lr_sim: float = 10.0
+    lr_teacher: float = 0.1  # initial learnable student lr
+    momentum: float = 0.5
+    sim_type: str = "lowrank"  # lowrank | full
+    sim_rank: int = 10
+    sim_alpha: float = 3.0
+    loss: str = "wbce"  # wbce | clip
+    merge_loss_branches: bool = False  # COCO scripts: (img + txt) / (D_img + D_txt)
+    grad_mode: str = "tesla"  # tesla (constant memory, two passes) | unroll (exact)
+    pix_init: str = "real"  # real | noise
+    ckpt_every: int = 100
+    eval_every: int = 0  # 0 = only at the end
+
+    def __post_init__(self) -> None:
+        _choice("distill.mode", self.mode, ("repblend", "lors"))
+        _choice("distill.space", self.space, ("pixel", "feature"))
+        _choice("distill.sim_type", self.sim_type, ("lowrank", "full"))
+        _choice("distill.loss", self.loss, ("wbce", "clip"))
+        _choice("distill.grad_mode", self.grad_mode, ("tesla", "unroll"))
+        _choice("distill.pix_init", self.pix_init, ("real", "noise"))
+        for key in ("num_queries", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
+                    "mini_batch_size", "sim_rank", "ckpt_every"):
+            _positive(f"distill.{key}", getattr(self, key))
+        for key in ("lr_img", "lr_txt", "lr_lr", "lr_sim", "lr_teacher"):
+            _positive(f"distill.{key}", getattr(self, key), allow_zero=True)
+        if self.sim_rank > self.num_queries:
+            raise ConfigError(f"distill.sim_rank={self.sim_rank} exceeds distill.num_queries={self.num_queries}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol (ALGORITHMS.md section 5)."""
+
+    epochs: int = 100
+    num_eval: int = 3  # evaluation seeds: results are mean +- std
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    loss: str = "wbce"  # wbce against the learned S | clip
+    methods: list[str] = field(
+        default_factory=lambda: ["repblend", "lors", "random", "herding", "kcenter", "full"]
+    )
+    full_lr: float = 0.03  # full-data upper bound: SGD lr (swept on dev, see TARGETS.md)
+    full_epochs: int = 20
+
+    def __post_init__(self) -> None:
+        _choice("eval.loss", self.loss, ("wbce", "clip"))
+        for method in self.methods:
+            _choice("eval.methods[]", method, ("repblend", "lors", "random", "herding", "kcenter", "full"))
+        for key in ("epochs", "num_eval", "batch_size", "full_epochs"):
+            _positive(f"eval.{key}", getattr(self, key))
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:port" attaches to a cluster
+    num_cpus: int = 0  # 0 = let Ray decide (embedded only)
+    num_gpus: int = 0
+    workers: int = 0  # Ray Train workers for distillation; 0 = in-process
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8
+    max_concurrent_trials: int = 0  # 0 = fit to resources
+    short_iterations: int = 300  # distillation length of a trial
+    search_lrs: bool = False  # also search lr_img / lr_txt / lr_sim
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # "" = the config file's stem
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # progress bars (they switch themselves off when not on a terminal)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _known_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(schema):
+        path = f"{prefix}{f.name}"
+        keys.append(path)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.extend(_known_keys(type(default), path + "."))
+    return keys
+
+
+def _friendly(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError) and key:
+        close = difflib.get_close_matches(key, _known_keys(Config), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(f"{origin}: unknown config key '{key}'{hint}")
+    if isinstance(exc, ValidationError) and key:
+        message = str(exc).splitlines()[0]
+        return ConfigError(f"{origin}: bad value for '{key}': {message}")
+    return ConfigError(f"{origin}: {str(exc).splitlines()[0]}")
+
+
+def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        raise _friendly(exc, origin) from exc
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(content).__name__}")
+    return content
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"overrides: {str(exc).splitlines()[0]}") from exc
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, validated into a `Config`."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        cfg = _merge(cfg, _read_yaml(path), str(path))
+    cfg = _merge(cfg, _parse_overrides(list(overrides)), "override")
+    try:
+        config = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        raise _friendly(exc, str(path or "config")) from exc
+    if not config.run.name and path is not None:
+        config.run.name = Path(path).stem
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

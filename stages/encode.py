@@ -1,0 +1,210 @@
+"""Feature cache: run the frozen encoders over a split once and keep the result.
+
+The references re-encode augmented JPEGs on every expert and distillation step; with frozen encoders
+the features never change, so we compute them once per (inputs, encoders) and every later stage reads
+two small matrices. A cache is a pair of files per split: `<stem>.safetensors` (image features,
+caption features, caption-to-image index) and `<stem>.json` (the manifest: what built it, from what).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from repblend.stages.encoders import ImageEncoder, TextEncoder, encode_texts
+from repblend.stages.errors import CacheError, DataError
+from repblend.stages.ingest import CaptionTable, load_image
+from repblend.stages.io import write_json, write_tensors
+
+CACHE_VERSION = 1
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """What decides the features: enough to refuse a cache built by something else."""
+
+    image: dict[str, Any]
+    text: dict[str, Any]
+    dtype: str
+
+    def key(self, fingerprint: str) -> str:
+        blob = json.dumps({"image": self.image, "text": self.text, "dtype": self.dtype, "inputs": fingerprint},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class CachedFeatures:
+    """One split's features in memory."""
+
+    image_features: torch.Tensor  # [n_images, d_img]
+    text_features: torch.Tensor  # [n_captions, d_txt]
+    caption_to_image: torch.Tensor  # [n_captions] int64
+    image_ids: list[str]
+    captions: list[str]
+    manifest: dict[str, Any]
+
+    @property
+    def num_images(self) -> int:
+        return self.image_features.shape[0]
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """A record pointing at one split's cache files; cheap to pass around (and through Ray)."""
+
+    tensors_path: Path
+    manifest_path: Path
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text())
+
+    def exists(self) -> bool:
+        return self.tensors_path.is_file() and self.manifest_path.is_file()
+
+    def load(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CachedFeatures:
+        manifest = self.manifest()
+        with safe_open(str(self.tensors_path), framework="pt") as f:
+            img = f.get_tensor("image_features").to(device=device, dtype=dtype)
+            txt = f.get_tensor("text_features").to(device=device, dtype=dtype)
+            c2i = f.get_tensor("caption_to_image").to(device=device)
+        return CachedFeatures(img, txt, c2i, manifest["image_ids"], manifest["captions"], manifest)
+
+
+def cache_location(cache_dir: str, default_root: Path, split: str, identity: EncoderIdentity,
+                   fingerprint: str) -> FeatureCache:
+    """Explicit dir: `<dir>/<split>.*` (verified on use). Default: content-addressed under default_root."""
+    if cache_dir:
+        stem = Path(cache_dir) / split
+    else:
+        stem = default_root / f"{split}-{identity.key(fingerprint)}"
+    return FeatureCache(stem.with_suffix(".safetensors"), stem.with_suffix(".json"))
+
+
+def check_cache(cache: FeatureCache, identity: EncoderIdentity, fingerprint: str) -> bool:
+    """True if `cache` holds exactly what is asked for, False if absent; CacheError if it holds something else."""
+    if not cache.exists():
+        return False
+    try:
+        manifest = cache.manifest()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CacheError(f"{cache.manifest_path}: unreadable cache manifest ({exc})") from exc
+    where = cache.manifest_path
+    for side, want in (("image", identity.image), ("text", identity.text)):
+        have = manifest.get(f"{side}_encoder", {})
+        diffs = [f"{k}={have.get(k)!r} (config: {v!r})" for k, v in want.items() if have.get(k) != v]
+        if diffs:
+            raise CacheError(f"{where}: cache was built with another {side} encoder: {', '.join(diffs)}; "
+                             "use another cache.dir or cache.overwrite=true")
+    if manifest.get("dtype") != identity.dtype:
+        raise CacheError(f"{where}: cache dtype {manifest.get('dtype')} but config asks cache.dtype={identity.dtype}")
+    if manifest.get("inputs_fingerprint") != fingerprint:
+        raise CacheError(f"{where}: cache was built from different inputs (images or captions changed); "
+                         "use another cache.dir or cache.overwrite=true")
+    return True
+
+
+class _ImageDataset(Dataset):
+    """Decodes and preprocesses images in loader workers; returns errors instead of raising them,
+    so the main process can name the file in one line (worker exceptions arrive as tracebacks)."""
+
+    def __init__(self, paths: list[str], transform) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return i, self.transform(load_image(self.paths[i])), ""
+        except DataError as exc:
+            return i, None, str(exc)
+        except Exception as exc:  # PIL raises many types for broken files
+            return i, None, f"{self.paths[i]}: cannot decode image ({exc})"
+
+
+def _collate(batch):
+    return batch
+
+
+def encode_images(encoder: ImageEncoder, paths: list[str], *, batch_size: int, num_workers: int,
+                  device: torch.device, on_error: str, progress: bool, desc: str) -> tuple[torch.Tensor, list[int]]:
+    """Features of every decodable image, and the indices of the images that were kept."""
+    loader = DataLoader(_ImageDataset(paths, encoder.preprocess.transform()), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    features, kept = [], []
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True)
+    with torch.inference_mode(), autocast:
+        for batch in loader:
+            good = []
+            for i, pixels, error in batch:
+                if pixels is None:
+                    if on_error == "stop":
+                        raise DataError(error)
+                    warnings.warn(f"skipping image: {error}", stacklevel=2)
+                else:
+                    good.append((i, pixels))
+            if good:
+                x = torch.stack([p for _, p in good]).to(device).contiguous(memory_format=torch.channels_last)
+                features.append(encoder(x).float().cpu())
+                kept.extend(i for i, _ in good)
+            bar.update(len(batch))
+    bar.close()
+    if not kept:
+        raise DataError(f"no image could be decoded ({len(paths)} tried)")
+    return torch.cat(features), kept
+
+
+def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity: EncoderIdentity,
+                 image_encoder: ImageEncoder, text_encoder: TextEncoder, *, image_batch_size: int = 64,
+                 text_batch_size: int = 256, num_workers: int = 2, device: str | torch.device = "cpu",
+                 on_error: str = "stop", progress: bool = True) -> FeatureCache:
+    """Encode one split into `cache` (atomically: manifest written last, so a crash leaves no cache)."""
+    device = torch.device(device)
+    start = time.perf_counter()
+    records = table.records
+    img_feats, kept = encode_images(image_encoder, [r.path for r in records], batch_size=image_batch_size,
+                                    num_workers=num_workers, device=device, on_error=on_error,
+                                    progress=progress, desc=f"encode {split} images")
+    kept_records = [records[i] for i in kept]
+    captions = [c for r in kept_records for c in r.captions]
+    caption_to_image = torch.tensor([i for i, r in enumerate(kept_records) for _ in r.captions], dtype=torch.long)
+    image_seconds = time.perf_counter() - start
+    txt_feats = encode_texts(text_encoder, captions, batch_size=text_batch_size, device=device, progress=progress)
+    dtype = _DTYPES[identity.dtype]
+    write_tensors(cache.tensors_path, {
+        "image_features": img_feats.to(dtype),
+        "text_features": txt_feats.float().cpu().to(dtype),
+        "caption_to_image": caption_to_image,
+    })
+    seconds = time.perf_counter() - start
+    manifest = {
+        "version": CACHE_VERSION,
+        "split": split,
+        "num_images": len(kept_records),
+        "num_captions": len(captions),
+        "image_encoder": {**identity.image, "feature_dim": image_encoder.feature_dim},
+        "text_encoder": {**identity.text, "feature_dim": text_encoder.feature_dim},
+        "dtype": identity.dtype,
+        "inputs_fingerprint": table.fingerprint(),
+        "skipped_images": len(records) - len(kept_records),
+        "seconds": {"images": round(image_seconds, 2), "total": round(seconds, 2)},
+        "image_ids": [r.image_id for r in kept_records],
+        "image_paths": [r.path for r in kept_records],
+        "captions": captions,
+    }
+    write_json(cache.manifest_path, manifest)
+    return cache

@@ -1,0 +1,23 @@
+"""Shared pytest helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def flickr8k_root() -> Path:
+    """The real Flickr8k data: $REPBLEND_FLICKR8K, else ../shared/data/flickr8k next to the repository."""
+    env = os.environ.get("REPBLEND_FLICKR8K")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/flickr8k"
+
+
+@pytest.fixture(scope="session")
+def flickr8k_dir() -> Path:
+    """The real Flickr8k root; skips the test cleanly when the data is not there."""
+    root = flickr8k_root()
+    if not (root / "Flickr8k.token.txt").is_file():
+        pytest.skip(f"real Flickr8k data not found at {root} (set REPBLEND_FLICKR8K)")
+    return root
