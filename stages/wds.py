@@ -14,8 +14,8 @@ import re
 import tarfile
 from pathlib import Path
 
-import braceexpand
 import webdataset as wds
+from webdataset.shardlists import expand_urls as wds_expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from repblend.stages.errors import DataError
@@ -108,7 +108,7 @@ def expand_urls(urls: str | Path | list) -> list[str]:
         if not found:
             raise DataError(f"{text}: no *.tar shards in this folder")
         return found
-    return list(braceexpand.braceexpand(text)) if "{" in text else [text]
+    return list(wds_expand_urls(text))  # brace patterns and "::"-joined lists, as webdataset reads them
 
 
 def read_webdataset(urls: str | list[str], split: str | None = None, on_error: str = "stop") -> CaptionTable:
