@@ -1,0 +1,115 @@
+"""Expert trajectories: projection heads trained on cached features, snapshotted per epoch.
+
+The encoders are frozen, so an expert is just two small MLPs trained on two feature matrices: no JPEG
+decoding, no augmentation, no encoder forward. Only the snapshots distillation reads
+(0 .. max_start_epoch + expert_epochs) are kept unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from repblend.stages.heads import DualHeads, HeadSpec
+from repblend.stages.io import write_json, write_tensors
+from repblend.stages.losses import clip_loss
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    embed_dim: int
+    dropout: float = 0.1
+    temperature: float = 0.07
+    epochs: int = 10
+    lr_img: float = 0.1
+    lr_txt: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    keep_epochs: tuple[int, ...] | None = None  # None = all 0..epochs
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One expert's kept snapshots, flat, per modality: {epoch: tensor[P]}."""
+
+    image: dict[int, torch.Tensor]
+    text: dict[int, torch.Tensor]
+
+
+def head_specs(img_dim: int, txt_dim: int, settings: ExpertSettings) -> tuple[HeadSpec, HeadSpec]:
+    return (HeadSpec(img_dim, settings.embed_dim, settings.dropout),
+            HeadSpec(txt_dim, settings.embed_dim, settings.dropout))
+
+
+def train_expert(image_features: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
+                 settings: ExpertSettings, seed: int, device: str | torch.device = "cpu") -> Trajectory:
+    """Train one expert with the symmetric CLIP loss, one sample per caption (ALGORITHMS.md section 2)."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks inside the module
+    heads = DualHeads(image_features.shape[1], text_features.shape[1], settings.embed_dim, settings.dropout)
+    img_spec, txt_spec = head_specs(image_features.shape[1], text_features.shape[1], settings)
+    img_spec.load_flat(heads.image, img_spec.init_flat(generator))
+    txt_spec.load_flat(heads.text, txt_spec.init_flat(generator))
+    heads.to(device).train()
+    optimizer = torch.optim.SGD(
+        [{"params": heads.image.parameters(), "lr": settings.lr_img},
+         {"params": heads.text.parameters(), "lr": settings.lr_txt}],
+        lr=settings.lr_img, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    img_all = image_features.to(device, torch.float32)
+    txt_all = text_features.to(device, torch.float32)
+    c2i = caption_to_image.to(device)
+    keep = set(settings.keep_epochs) if settings.keep_epochs is not None else set(range(settings.epochs + 1))
+    traj = Trajectory({}, {})
+
+    def snapshot(epoch: int) -> None:
+        if epoch in keep:
+            traj.image[epoch] = img_spec.flatten(heads.image).detach().cpu().clone()
+            traj.text[epoch] = txt_spec.flatten(heads.text).detach().cpu().clone()
+
+    snapshot(0)
+    n = txt_all.shape[0]
+    steps = max(1, n // settings.batch_size)  # drop_last, as the references
+    last = max(keep)
+    for epoch in range(1, min(settings.epochs, last) + 1):
+        order = torch.randperm(n, generator=generator).to(device)
+        for step in range(steps):
+            idx = order[step * settings.batch_size:(step + 1) * settings.batch_size]
+            img_emb, txt_emb = heads(img_all[c2i[idx]], txt_all[idx])
+            loss = clip_loss(img_emb @ txt_emb.T / settings.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if not math.isfinite(loss.item()):  # one host sync per epoch, not per step
+            raise FloatingPointError(f"expert with seed {seed} diverged: loss {loss.item()} at epoch {epoch}")
+        snapshot(epoch)
+    return traj
+
+
+def expert_path(buffer_dir: Path, expert: int) -> Path:
+    return Path(buffer_dir) / f"expert_{expert:03d}.safetensors"
+
+
+def save_trajectory(path: Path, traj: Trajectory, meta: dict) -> None:
+    tensors = {f"image.{e}": t for e, t in traj.image.items()}
+    tensors.update({f"text.{e}": t for e, t in traj.text.items()})
+    write_tensors(path, tensors, metadata={"meta": json.dumps(meta)})
+
+
+def load_trajectory(path: Path) -> Trajectory:
+    traj = Trajectory({}, {})
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            side, epoch = key.split(".")
+            getattr(traj, side)[int(epoch)] = f.get_tensor(key)
+    return traj
+
+
+def write_index(buffer_dir: Path, index: dict) -> None:
+    write_json(Path(buffer_dir) / "index.json", index)

@@ -1,0 +1,189 @@
+"""RepBlend distillation: symmetric projection trajectory matching with representation blending.
+
+Design: the inner loop always runs in feature space. In pixel mode the frozen image encoder runs ONCE
+per iteration over the synthetic images, its output `u` is cut from the graph, the matching loss is
+differentiated w.r.t. `u`, and a single backward through the encoder carries that gradient to the pixels.
+This equals differentiating through the encoder inside every student step (the encoder is frozen and
+synthetic images are not augmented during distillation) and costs one encoder pass instead of 2 x syn_steps.
+
+Two gradient modes (ALGORITHMS.md section 4):
+- `unroll`: exact MTT, student steps kept in the graph (create_graph=True).
+- `tesla`: the references' constant-memory two-pass form; drops the cross-step terms.
+Student steps use no dropout, so both passes see the same function and runs are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repblend.stages.heads import HeadSpec
+from repblend.stages.losses import FullSimilarity, LowRankSimilarity, clip_loss, wbce_loss
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    syn_steps: int = 8
+    expert_epochs: int = 1
+    max_start_epoch: int = 2
+    mini_batch_size: int = 20
+    temperature: float = 0.07
+    loss: str = "wbce"  # wbce | clip
+    merge_loss_branches: bool = False
+    grad_mode: str = "unroll"  # unroll | tesla
+    blend: bool = True
+    beta_a: float = 1.0
+    beta_b: float = 1.0
+
+
+@dataclass(frozen=True)
+class StudentBatch:
+    """One student step's sample: indices into the synthetic set and its blending draw."""
+
+    idx: torch.Tensor
+    lam: float | None  # None: no blending
+    perm: torch.Tensor | None
+
+
+class SyntheticSet(nn.Module):
+    """What is distilled: image side (pixels or features), text embeddings, soft similarity S, student lrs."""
+
+    def __init__(self, images: torch.Tensor, texts: torch.Tensor, *, sim_type: str = "lowrank", sim_rank: int = 10,
+                 sim_alpha: float = 1.0, lr_init: float = 0.1, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        n = images.shape[0]
+        if texts.shape[0] != n:
+            raise ValueError(f"{n} synthetic images but {texts.shape[0]} texts")
+        dtype = texts.dtype  # float32 in practice; float64 in gradient tests
+        self.images = nn.Parameter(images.detach().clone().to(dtype))
+        self.texts = nn.Parameter(texts.detach().clone())
+        if sim_type == "lowrank":
+            self.sim = LowRankSimilarity(n, sim_rank, sim_alpha, generator=generator, dtype=dtype)
+        else:
+            self.sim = FullSimilarity(n, dtype=dtype)
+        self.syn_lr_img = nn.Parameter(torch.tensor(float(lr_init), dtype=dtype))
+        self.syn_lr_txt = nn.Parameter(torch.tensor(float(lr_init), dtype=dtype))
+
+    @property
+    def num_pairs(self) -> int:
+        return self.texts.shape[0]
+
+
+def sample_batches(n: int, settings: DistillSettings, rng: np.random.Generator) -> list[StudentBatch]:
+    """Mini-batches drawn from a permutation of the N pairs (redrawn when exhausted), with one Beta draw
+    and one permutation per batch shared by both modalities. numpy's Generator keeps this reproducible
+    and checkpointable (torch's Beta sampler takes no generator)."""
+    batches, pool = [], []
+    for _ in range(settings.syn_steps):
+        if len(pool) < settings.mini_batch_size:
+            pool = pool + list(rng.permutation(n))
+        idx, pool = pool[:settings.mini_batch_size], pool[settings.mini_batch_size:]
+        lam = perm = None
+        if settings.blend:
+            lam = float(rng.beta(settings.beta_a, settings.beta_b))
+            perm = torch.from_numpy(rng.permutation(len(idx)))
+        batches.append(StudentBatch(torch.tensor(idx, dtype=torch.long), lam, perm))
+    return batches
+
+
+def blend(x: torch.Tensor, lam: float | None, perm: torch.Tensor | None) -> torch.Tensor:
+    """Representation blending: x~ = lam*x + (1-lam)*x[perm] (before the heads, never on targets)."""
+    if lam is None:
+        return x
+    return lam * x + (1.0 - lam) * x[perm]
+
+
+def student_loss(theta_img: torch.Tensor, theta_txt: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                 targets: torch.Tensor, img_spec: HeadSpec, txt_spec: HeadSpec, settings: DistillSettings
+                 ) -> torch.Tensor:
+    img = F.normalize(img_spec.apply_flat(theta_img, u, train=False), dim=-1)
+    txt = F.normalize(txt_spec.apply_flat(theta_txt, v, train=False), dim=-1)
+    logits = img @ txt.T / settings.temperature
+    return wbce_loss(logits, targets) if settings.loss == "wbce" else clip_loss(logits)
+
+
+@dataclass
+class MatchResult:
+    loss: float
+    loss_img: float
+    loss_txt: float
+
+
+def _step_inputs(features: torch.Tensor, texts: torch.Tensor, sim: nn.Module, batch: StudentBatch):
+    idx = batch.idx.to(features.device)
+    perm = batch.perm.to(features.device) if batch.perm is not None else None
+    return blend(features[idx], batch.lam, perm), blend(texts[idx], batch.lam, perm), sim.block(idx)
+
+
+def _matching(theta_img, theta_txt, start, target, settings):
+    """Normalised parameter-matching losses per modality and the combined objective."""
+    d_img = (start[0] - target[0]).pow(2).sum()
+    d_txt = (start[1] - target[1]).pow(2).sum()
+    n_img = (theta_img - target[0]).pow(2).sum()
+    n_txt = (theta_txt - target[1]).pow(2).sum()
+    total = (n_img + n_txt) / (d_img + d_txt) if settings.merge_loss_branches else n_img / d_img + n_txt / d_txt
+    return total, n_img / d_img, n_txt / d_txt
+
+
+def match_unrolled(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec, HeadSpec],
+                   start: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor],
+                   batches: list[StudentBatch], settings: DistillSettings) -> MatchResult:
+    """Exact gradient: back-propagates through every student step. Gradients accumulate in
+    `features.grad` (a leaf) and in the synthetic set's texts, S and learning rates."""
+    theta_img = start[0].clone().requires_grad_(True)
+    theta_txt = start[1].clone().requires_grad_(True)
+    for batch in batches:
+        u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch)
+        loss = student_loss(theta_img, theta_txt, u, v, targets, *specs, settings)
+        g_img, g_txt = torch.autograd.grad(loss, (theta_img, theta_txt), create_graph=True)
+        theta_img = theta_img - syn.syn_lr_img * g_img
+        theta_txt = theta_txt - syn.syn_lr_txt * g_txt
+    total, l_img, l_txt = _matching(theta_img, theta_txt, start, target, settings)
+    total.backward()
+    return MatchResult(total.item(), l_img.item(), l_txt.item())
+
+
+def match_tesla(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec, HeadSpec],
+                start: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor],
+                batches: list[StudentBatch], settings: DistillSettings) -> MatchResult:
+    """Constant-memory form: pass 1 runs the student with detached gradients; pass 2 recomputes each
+    step's graph and back-propagates 2(v.g_k)/D with v = eta(theta_T - theta_0) + eta^2 sum(g),
+    treating each step's parameters as independent of earlier batches (cross-step terms dropped)."""
+    lr_img, lr_txt = syn.syn_lr_img.detach(), syn.syn_lr_txt.detach()
+    thetas, sum_img, sum_txt = [], torch.zeros_like(start[0]), torch.zeros_like(start[1])
+    theta_img, theta_txt = start[0].clone(), start[1].clone()
+    for batch in batches:
+        thetas.append((theta_img, theta_txt))
+        with torch.enable_grad():
+            ti, tt = theta_img.requires_grad_(True), theta_txt.requires_grad_(True)
+            u, v, targets = _step_inputs(features.detach(), syn.texts.detach(), syn.sim, batch)
+            loss = student_loss(ti, tt, u, v, targets.detach(), *specs, settings)
+            g_img, g_txt = torch.autograd.grad(loss, (ti, tt))
+        sum_img += g_img
+        sum_txt += g_txt
+        theta_img, theta_txt = (ti - lr_img * g_img).detach(), (tt - lr_txt * g_txt).detach()
+    d_img = (start[0] - target[0]).pow(2).sum()
+    d_txt = (start[1] - target[1]).pow(2).sum()
+    # learning rates: exact gradient of each modality's normalised loss through theta_K = theta_0 - eta*sum(g)
+    final_img = start[0] - syn.syn_lr_img * sum_img
+    final_txt = start[1] - syn.syn_lr_txt * sum_txt
+    lr_loss = (final_img - target[0]).pow(2).sum() / d_img + (final_txt - target[1]).pow(2).sum() / d_txt
+    lr_loss.backward()
+    v_img = lr_img * (target[0] - start[0]) + lr_img ** 2 * sum_img
+    v_txt = lr_txt * (target[1] - start[1]) + lr_txt ** 2 * sum_txt
+    for batch, (theta_img, theta_txt) in zip(batches, thetas):
+        ti, tt = theta_img.detach().requires_grad_(True), theta_txt.detach().requires_grad_(True)
+        u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch)
+        loss = student_loss(ti, tt, u, v, targets, *specs, settings)
+        g_img, g_txt = torch.autograd.grad(loss, (ti, tt), create_graph=True)
+        if settings.merge_loss_branches:
+            surrogate = 2 * ((v_img * g_img).sum() + (v_txt * g_txt).sum()) / (d_img + d_txt)
+        else:
+            surrogate = 2 * (v_img * g_img).sum() / d_img + 2 * (v_txt * g_txt).sum() / d_txt
+        surrogate.backward()
+    total, l_img, l_txt = _matching(final_img.detach(), final_txt.detach(), start, target, settings)
+    return MatchResult(total.item(), l_img.item(), l_txt.item())

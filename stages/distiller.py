@@ -1,0 +1,157 @@
+"""The outer distillation loop: sample a trajectory, match it, update the synthetic set, checkpoint.
+
+Everything that decides the result (synthetic set, optimizer momentum, RNG state, iteration) is in the
+checkpoint, so a run killed at any point and restarted gives the same set as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from repblend.stages.buffer import Trajectory
+from repblend.stages.distill import (DistillSettings, MatchResult, SyntheticSet, match_tesla, match_unrolled,
+                                     sample_batches)
+from repblend.stages.errors import RepblendError
+from repblend.stages.heads import HeadSpec
+from repblend.stages.io import atomic_path
+
+
+class DivergenceError(RepblendError):
+    """The distillation produced a non-finite loss or a non-positive learned learning rate."""
+
+
+@dataclass(frozen=True)
+class OuterSettings:
+    lr_img: float
+    lr_txt: float
+    lr_lr: float
+    lr_sim: float
+    momentum: float = 0.5
+
+
+@dataclass
+class StepLog:
+    iteration: int
+    loss: float
+    loss_img: float
+    loss_txt: float
+    syn_lr_img: float
+    syn_lr_txt: float
+    seconds: float
+    expert: int
+    start_epoch: int
+
+
+@dataclass
+class Distiller:
+    syn: SyntheticSet
+    trajectories: list[Trajectory]
+    specs: tuple[HeadSpec, HeadSpec]
+    settings: DistillSettings
+    outer: OuterSettings
+    seed: int
+    image_encoder: nn.Module | None = None  # pixel mode: frozen encoder applied to syn.images
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    iteration: int = 0
+
+    def __post_init__(self) -> None:
+        self.syn.to(self.device)
+        self.rng = np.random.default_rng(self.seed)
+        sim_params = list(self.syn.sim.parameters())
+        self.optimizer = torch.optim.SGD([
+            {"params": [self.syn.images], "lr": self.outer.lr_img},
+            {"params": [self.syn.texts], "lr": self.outer.lr_txt},
+            {"params": [self.syn.syn_lr_img, self.syn.syn_lr_txt], "lr": self.outer.lr_lr},
+            {"params": sim_params, "lr": self.outer.lr_sim},
+        ], lr=self.outer.lr_img, momentum=self.outer.momentum)
+        # trajectories stay resident on the device: they are small, and reloading them is what the references do
+        self._traj = [
+            Trajectory({e: t.to(self.device) for e, t in tr.image.items()},
+                       {e: t.to(self.device) for e, t in tr.text.items()})
+            for tr in self.trajectories
+        ]
+        needed = self.settings.max_start_epoch - 1 + self.settings.expert_epochs
+        for k, tr in enumerate(self._traj):
+            missing = [e for e in range(needed + 1) if e not in tr.image]
+            if missing:
+                raise RepblendError(f"expert {k} lacks snapshots {missing} needed by max_start_epoch="
+                                    f"{self.settings.max_start_epoch} and expert_epochs={self.settings.expert_epochs}")
+
+    def _features(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image side as a leaf in feature space (plus the encoder output to push its grad through)."""
+        if self.image_encoder is None:
+            return self.syn.images, None
+        encoded = self.image_encoder(self.syn.images)
+        return encoded.detach().float().requires_grad_(True), encoded
+
+    def step(self) -> StepLog:
+        start_time = time.perf_counter()
+        expert = int(self.rng.integers(len(self._traj)))
+        start_epoch = int(self.rng.integers(self.settings.max_start_epoch))
+        traj = self._traj[expert]
+        start = (traj.image[start_epoch], traj.text[start_epoch])
+        end = start_epoch + self.settings.expert_epochs
+        target = (traj.image[end], traj.text[end])
+        batches = sample_batches(self.syn.num_pairs, self.settings, self.rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        features, encoded = self._features()
+        match = match_unrolled if self.settings.grad_mode == "unroll" else match_tesla
+        result: MatchResult = match(features, self.syn, self.specs, start, target, batches, self.settings)
+        if encoded is not None:
+            encoded.backward(features.grad.to(encoded.dtype))
+        self.optimizer.step()
+        self.iteration += 1
+        self._check(result)  # before any checkpoint of this state is written
+        return StepLog(self.iteration, result.loss, result.loss_img, result.loss_txt, self.syn.syn_lr_img.item(),
+                       self.syn.syn_lr_txt.item(), time.perf_counter() - start_time, expert, start_epoch)
+
+    def _check(self, result: MatchResult) -> None:
+        if not math.isfinite(result.loss):
+            raise DivergenceError(f"distillation diverged at iteration {self.iteration}: matching loss "
+                                  f"{result.loss}; the last good checkpoint is kept (try lower distill.lr_*)")
+        for name in ("syn_lr_img", "syn_lr_txt"):
+            value = getattr(self.syn, name).item()
+            if not value > 0:
+                raise DivergenceError(f"distillation diverged at iteration {self.iteration}: learned {name}={value}"
+                                      " <= 0; the last good checkpoint is kept (try a lower distill.lr_lr)")
+
+    # checkpoints -----------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "syn": self.syn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(self.state(), tmp)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.syn.load_state_dict(state["syn"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.iteration = state["iteration"]
+
+    def run(self, iterations: int, checkpoint: Path | None = None, ckpt_every: int = 100,
+            on_step: Callable[[StepLog], None] | None = None) -> None:
+        """Run until `iterations`, resuming from `checkpoint` if it exists, saving it every `ckpt_every`."""
+        if checkpoint is not None and checkpoint.is_file():
+            self.load(checkpoint)
+        while self.iteration < iterations:
+            log = self.step()
+            if on_step is not None:
+                on_step(log)
+            if checkpoint is not None and (self.iteration % ckpt_every == 0 or self.iteration == iterations):
+                self.save(checkpoint)

@@ -1,0 +1,121 @@
+"""Evaluation protocol (ALGORITHMS.md section 5): fresh heads trained on a set, retrieval on held-out data.
+
+The same function trains on a distilled set (wBCE against its learned S, at its learned lrs), on a
+coreset of real pairs (identity targets) or on all real pairs (the upper bound), so every row of the
+results table comes from one protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from repblend.stages.heads import DualHeads
+from repblend.stages.losses import clip_loss, wbce_loss
+from repblend.stages.retrieval import retrieval_metrics
+
+METRICS = ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    embed_dim: int
+    dropout: float = 0.1
+    temperature: float = 0.07
+    epochs: int = 100
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    loss: str = "wbce"  # wbce | clip
+    schedule: str = "step"  # step: lr x0.1 at epoch epochs//2+1 (reference) | cosine
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """Training pairs in feature space: row i of `images` goes with row i of `texts`."""
+
+    images: torch.Tensor  # [M, d_img]
+    texts: torch.Tensor  # [M, d_txt]
+    targets: torch.Tensor | None = None  # [M, M] soft similarity; None = identity
+    lr_img: float = 0.1
+    lr_txt: float = 0.1
+
+
+def _batch_loss(heads: DualHeads, pairs: PairSet, idx: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+    img_emb, txt_emb = heads(pairs.images[idx], pairs.texts[idx])
+    logits = img_emb @ txt_emb.T / settings.temperature
+    if settings.loss == "clip":
+        return clip_loss(logits)
+    if pairs.targets is None:
+        targets = torch.eye(len(idx), device=logits.device)
+    else:
+        targets = pairs.targets[idx][:, idx]
+    return wbce_loss(logits, targets)
+
+
+def train_heads(pairs: PairSet, settings: TrainSettings, seed: int, device: torch.device,
+                on_epoch: Callable[[int, DualHeads], None] | None = None, stop_after: int | None = None) -> DualHeads:
+    """Fresh heads trained on `pairs`; each epoch is a fresh shuffle in ceil(M / batch) batches.
+    `stop_after` ends training early while keeping the lr schedule of `settings.epochs`."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    heads = DualHeads(pairs.images.shape[1], pairs.texts.shape[1], settings.embed_dim, settings.dropout).to(device)
+    pairs = PairSet(pairs.images.to(device).float(), pairs.texts.to(device).float(),
+                    None if pairs.targets is None else pairs.targets.to(device).float(), pairs.lr_img, pairs.lr_txt)
+    optimizer = torch.optim.SGD(
+        [{"params": heads.image.parameters(), "lr": pairs.lr_img},
+         {"params": heads.text.parameters(), "lr": pairs.lr_txt}],
+        lr=pairs.lr_img, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    if settings.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [settings.epochs // 2 + 1], gamma=0.1)
+    m = pairs.images.shape[0]
+    for epoch in range(stop_after or settings.epochs):
+        heads.train()
+        order = torch.randperm(m, generator=generator).to(device)
+        for b in range(math.ceil(m / settings.batch_size)):
+            idx = order[b * settings.batch_size:(b + 1) * settings.batch_size]
+            loss = _batch_loss(heads, pairs, idx, settings)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        if on_epoch is not None:
+            heads.eval()
+            on_epoch(epoch + 1, heads)
+    heads.eval()
+    return heads
+
+
+@torch.inference_mode()
+def retrieval_of(heads: DualHeads, image_features: torch.Tensor, text_features: torch.Tensor,
+                 caption_to_image: torch.Tensor, device: torch.device) -> dict[str, float]:
+    heads.eval()
+    img = F.normalize(heads.image(image_features.to(device).float()), dim=-1)
+    txt = F.normalize(heads.text(text_features.to(device).float()), dim=-1)
+    return retrieval_metrics(img, txt, caption_to_image.to(device))
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """mean and (sample) std over evaluation seeds, per metric."""
+    out = {}
+    for key in METRICS:
+        values = [r[key] for r in runs]
+        out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return out
+
+
+def evaluate_pairs(pairs: PairSet, settings: TrainSettings, eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                   seeds: list[int], device: torch.device) -> dict[str, dict[str, float]]:
+    """Train once per seed on `pairs`, report retrieval on the eval split as mean +- std."""
+    runs = []
+    for seed in seeds:
+        heads = train_heads(pairs, settings, seed, device)
+        runs.append(retrieval_of(heads, *eval_features, device))
+    return summarize(runs)

@@ -1,0 +1,201 @@
+"""Distillation math: exact gradients, the TESLA form, the pixel-space shortcut, resume and divergence."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from repblend.stages.buffer import ExpertSettings, Trajectory, train_expert
+from repblend.stages.distill import (DistillSettings, StudentBatch, SyntheticSet, match_tesla, match_unrolled,
+                                     sample_batches, student_loss)
+from repblend.stages.distiller import DivergenceError, Distiller, OuterSettings
+from repblend.stages.heads import HeadSpec
+
+D_IMG, D_TXT, EMBED, N = 6, 5, 4, 7
+SPECS = (HeadSpec(D_IMG, EMBED, 0.0), HeadSpec(D_TXT, EMBED, 0.0))
+
+
+def _problem(dtype=torch.float64, seed=0, **settings):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(N, D_IMG, generator=g, dtype=dtype)
+    texts = torch.randn(N, D_TXT, generator=g, dtype=dtype)
+    syn = SyntheticSet(features, texts, sim_rank=2, sim_alpha=1.0, lr_init=0.3, generator=g)
+    with torch.no_grad():  # move S and the lrs off their special starting points so every gradient is generic
+        syn.sim.R.normal_(generator=g)
+    start = (SPECS[0].init_flat(g, dtype=dtype), SPECS[1].init_flat(g, dtype=dtype))
+    target = tuple(s + 0.1 * torch.randn(s.shape, generator=g, dtype=dtype) for s in start)
+    batch_settings = DistillSettings(**{"syn_steps": 3, "mini_batch_size": 4, **settings})
+    batches = sample_batches(N, batch_settings, np.random.default_rng(seed))
+    return syn, start, target, batches, batch_settings
+
+
+def _grads(match, syn, start, target, batches, settings):
+    syn = copy.deepcopy(syn)
+    features = syn.images.detach().clone().requires_grad_(True)
+    result = match(features, syn, SPECS, start, target, batches, settings)
+    grads = {"features": features.grad, "texts": syn.texts.grad, "R": syn.sim.R.grad, "a": syn.sim.a.grad,
+             "lr_img": syn.syn_lr_img.grad, "lr_txt": syn.syn_lr_txt.grad}
+    return result, grads
+
+
+def _loss_at(syn, start, target, batches, settings, name, index, delta):
+    syn = copy.deepcopy(syn)
+    tensor = {"features": syn.images, "texts": syn.texts, "R": syn.sim.R, "a": syn.sim.a,
+              "lr_img": syn.syn_lr_img, "lr_txt": syn.syn_lr_txt}[name]
+    with torch.no_grad():
+        tensor.view(-1)[index] += delta
+    features = syn.images.detach().clone().requires_grad_(True)
+    return match_unrolled(features, syn, SPECS, start, target, batches, settings).loss
+
+
+@pytest.mark.parametrize("blend", [True, False])
+def test_unrolled_gradient_matches_finite_differences(blend):
+    syn, start, target, batches, settings = _problem(blend=blend)
+    _, grads = _grads(match_unrolled, syn, start, target, batches, settings)
+    rng = np.random.default_rng(1)
+    eps = 1e-6
+    for name, grad in grads.items():
+        for index in rng.choice(grad.numel(), size=min(3, grad.numel()), replace=False):
+            numeric = (_loss_at(syn, start, target, batches, settings, name, index, eps)
+                       - _loss_at(syn, start, target, batches, settings, name, index, -eps)) / (2 * eps)
+            assert grad.reshape(-1)[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_tesla_equals_unrolled_for_one_student_step(merge):
+    """With one step there are no cross-step terms to drop, so the two-pass form is exact."""
+    syn, start, target, batches, settings = _problem(syn_steps=1, merge_loss_branches=merge)
+    exact_result, exact = _grads(match_unrolled, syn, start, target, batches, settings)
+    tesla_result, tesla = _grads(match_tesla, syn, start, target, batches, settings)
+    assert tesla_result.loss == pytest.approx(exact_result.loss, rel=1e-12)
+    for name in ("features", "texts", "R", "a"):
+        torch.testing.assert_close(tesla[name], exact[name], rtol=1e-9, atol=1e-12)
+    if not merge:  # learned-lr gradients: each modality normalised separately in both forms
+        torch.testing.assert_close(tesla["lr_img"], exact["lr_img"], rtol=1e-9, atol=1e-12)
+
+
+def test_tesla_differs_from_unrolled_with_several_steps():
+    """The dropped cross-step terms are real: with 3 steps the two forms disagree (but point the same way)."""
+    syn, start, target, batches, settings = _problem(syn_steps=3)
+    _, exact = _grads(match_unrolled, syn, start, target, batches, settings)
+    _, tesla = _grads(match_tesla, syn, start, target, batches, settings)
+    assert not torch.allclose(tesla["texts"], exact["texts"])
+    cosine = torch.nn.functional.cosine_similarity(tesla["texts"].flatten(), exact["texts"].flatten(), dim=0)
+    assert cosine > 0.5
+
+
+def test_blending_shares_lambda_and_permutation_across_modalities():
+    settings = DistillSettings(syn_steps=5, mini_batch_size=4, blend=True, beta_a=2.0, beta_b=5.0)
+    batches = sample_batches(N, settings, np.random.default_rng(3))
+    again = sample_batches(N, settings, np.random.default_rng(3))
+    assert [b.lam for b in batches] == [b.lam for b in again]
+    assert all(0 < b.lam < 1 and sorted(b.perm.tolist()) == list(range(4)) for b in batches)
+    # batches walk a permutation: the first ceil(N/4) batches cover distinct indices until the pool is exhausted
+    first = torch.cat([batches[0].idx, batches[1].idx[:N - 4]])
+    assert len(set(first.tolist())) == N
+    no_blend = sample_batches(N, dataclasses.replace(settings, blend=False), np.random.default_rng(3))
+    assert all(b.lam is None and b.perm is None for b in no_blend)
+
+
+def test_blending_changes_the_student_loss_consistently():
+    syn, start, *_ = _problem()
+    idx = torch.tensor([0, 1, 2, 3])
+    perm = torch.tensor([2, 3, 0, 1])
+    settings = DistillSettings()
+    targets = syn.sim.block(idx)
+    plain = student_loss(*start, syn.images[idx], syn.texts[idx], targets, *SPECS, settings)
+    lam1 = student_loss(*start, 1.0 * syn.images[idx] + 0.0 * syn.images[idx][perm],
+                        syn.texts[idx], targets, *SPECS, settings)
+    assert plain.item() == pytest.approx(lam1.item())
+
+
+def test_pixel_shortcut_equals_differentiating_through_the_encoder_every_step():
+    """Encoding once, cutting the graph and pushing the feature gradient back equals the reference form
+    in which each student step runs the frozen encoder on its own mini-batch."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten(), torch.nn.Linear(4, D_IMG)).double()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    pixels = torch.randn(N, 3, 8, 8, dtype=torch.float64)
+    syn, start, target, batches, settings = _problem()
+    syn.images = torch.nn.Parameter(pixels.clone())
+
+    # the shortcut (what Distiller does)
+    fast = copy.deepcopy(syn)
+    encoded = encoder(fast.images)
+    leaf = encoded.detach().requires_grad_(True)
+    match_unrolled(leaf, fast, SPECS, start, target, batches, settings)
+    encoded.backward(leaf.grad)
+
+    # reference: encoder inside every step
+    slow = copy.deepcopy(syn)
+    theta = [start[0].clone().requires_grad_(True), start[1].clone().requires_grad_(True)]
+    for batch in batches:
+        u = encoder(slow.images[batch.idx])
+        u = batch.lam * u + (1 - batch.lam) * u[batch.perm]
+        v = slow.texts[batch.idx]
+        v = batch.lam * v + (1 - batch.lam) * v[batch.perm]
+        loss = student_loss(theta[0], theta[1], u, v, slow.sim.block(batch.idx), *SPECS, settings)
+        g = torch.autograd.grad(loss, theta, create_graph=True)
+        theta = [theta[0] - slow.syn_lr_img * g[0], theta[1] - slow.syn_lr_txt * g[1]]
+    total = sum((t - tt).pow(2).sum() / (s - tt).pow(2).sum() for t, s, tt in zip(theta, start, target))
+    total.backward()
+    torch.testing.assert_close(fast.images.grad, slow.images.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast.texts.grad, slow.texts.grad, rtol=1e-9, atol=1e-12)
+
+
+def _tiny_distiller(seed=0, **outer):
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(40, D_IMG, generator=g)
+    txt = img[:, :D_TXT] + 0.1 * torch.randn(40, D_TXT, generator=g)
+    c2i = torch.arange(40)
+    expert = ExpertSettings(embed_dim=EMBED, dropout=0.0, epochs=3, batch_size=8)
+    trajectories = [train_expert(img, txt, c2i, expert, seed=k) for k in range(2)]
+    syn = SyntheticSet(img[:N], txt[:N], sim_rank=2, sim_alpha=1.0, lr_init=0.1, generator=g)
+    settings = DistillSettings(syn_steps=3, mini_batch_size=4, max_start_epoch=2)
+    outer = OuterSettings(**{"lr_img": 0.1, "lr_txt": 0.1, "lr_lr": 1e-6, "lr_sim": 0.01, **outer})
+    return Distiller(syn, trajectories, SPECS, settings, outer, seed=seed)
+
+
+def test_distiller_reduces_the_matching_loss_and_moves_the_set():
+    distiller = _tiny_distiller()
+    before = distiller.syn.texts.detach().clone()
+    losses = []
+    distiller.run(40, on_step=lambda log: losses.append(log.loss))
+    assert not torch.equal(before, distiller.syn.texts)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_resume_gives_the_same_set_as_an_uninterrupted_run(tmp_path):
+    straight = _tiny_distiller()
+    straight.run(8)
+    ckpt = tmp_path / "ckpt.pt"
+    first = _tiny_distiller()
+    first.run(5, checkpoint=ckpt, ckpt_every=5)
+    resumed = _tiny_distiller()  # a fresh process would build exactly this, then find the checkpoint
+    resumed.run(8, checkpoint=ckpt, ckpt_every=5)
+    assert resumed.iteration == 8
+    for name, tensor in straight.syn.state_dict().items():
+        torch.testing.assert_close(resumed.syn.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path):
+    distiller = _tiny_distiller(lr_lr=1e6)  # the learned lr overshoots below zero at once
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(DivergenceError, match="learned syn_lr_(img|txt)=.* <= 0"):
+        distiller.run(20, checkpoint=ckpt, ckpt_every=1)
+
+
+def test_missing_snapshots_are_refused():
+    distiller = _tiny_distiller()
+    short = Trajectory({0: distiller.trajectories[0].image[0]}, {0: distiller.trajectories[0].text[0]})
+    with pytest.raises(Exception, match=r"expert 0 lacks snapshots \[1, 2\]"):
+        Distiller(distiller.syn, [short], SPECS, distiller.settings, distiller.outer, seed=0)
+
+
+def test_student_batch_is_a_plain_record():
+    batch = StudentBatch(torch.tensor([0, 1]), None, None)
+    assert batch.lam is None
