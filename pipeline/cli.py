@@ -78,22 +78,36 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     run_dir = prepare_run_dir(config, args.run_dir, args.command)
     log.info("run directory: %s", run_dir)
-    if args.command in ("encode", "run"):
-        caches = steps.encode(config)
-        mark_stage_done(run_dir, "encode", {split: str(c.tensors_path) for split, c in caches.items()})
-        if args.command == "encode":
-            for split, cache in caches.items():
-                m = cache.manifest()
-                print(f"{split}: {m['num_images']} images x {m['image_encoder']['feature_dim']}, "
-                      f"{m['num_captions']} captions x {m['text_encoder']['feature_dim']} -> {cache.tensors_path}")
-            return 0
-    stage = "buffer" if args.command == "run" else args.command
-    raise StageNotImplementedError(f"repblend {args.command}: the {stage} stage is not implemented yet")
+    if args.command in ("tune", "export"):
+        raise StageNotImplementedError(f"repblend {args.command}: the {args.command} stage is not implemented yet")
+    caches = steps.encode(config)
+    mark_stage_done(run_dir, "encode", {split: str(c.tensors_path) for split, c in caches.items()})
+    if args.command == "encode":
+        for split, cache in caches.items():
+            m = cache.manifest()
+            print(f"{split}: {m['num_images']} images x {m['image_encoder']['feature_dim']}, "
+                  f"{m['num_captions']} captions x {m['text_encoder']['feature_dim']} -> {cache.tensors_path}")
+        return 0
+    if args.command in ("buffer", "run"):
+        mark_stage_done(run_dir, "buffer", {"dir": str(steps.buffer(config, run_dir, caches))})
+    if args.command in ("distill", "run"):
+        mark_stage_done(run_dir, "distill", {"synthetic": str(steps.distill(config, run_dir, caches))})
+    if args.command in ("eval", "run"):
+        steps.evaluate(config, run_dir, caches)
+        mark_stage_done(run_dir, "eval", {"results": str(run_dir / "results.json")})
+        print((run_dir / "results.md").read_text(), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after options too: `run --config c.yaml --run-dir d a=1` leaves `a=1` here
+    stray = [item for item in extra if "=" not in item or item.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     _setup_logging()
     try:
         return _dispatch(args)

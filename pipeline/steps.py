@@ -6,6 +6,7 @@ maps config keys onto stage arguments, so the CLI and the Ray glue share one tra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 
 from repblend.pipeline.config import Config
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
-from repblend.stages.errors import ConfigError
+from repblend.stages.errors import ConfigError, StageNotImplementedError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
 from repblend.stages.wds import read_webdataset
 
@@ -104,3 +105,284 @@ def encode(config: Config, splits: list[str] | None = None) -> dict[str, Feature
             log.info("encode %s: %d images, %d captions in %.1f s -> %s", split, len(part), part.num_captions,
                      time.perf_counter() - start, cache.tensors_path)
     return caches
+
+
+# buffer ---------------------------------------------------------------------------------------------------
+
+def load_features(caches: dict[str, FeatureCache], split: str, device: torch.device):
+    return caches[split].load(dtype=torch.float32, device=device)
+
+
+def expert_settings(config: Config) -> "ExpertSettings":
+    from repblend.stages.buffer import ExpertSettings
+
+    needed = config.distill.max_start_epoch + config.distill.expert_epochs
+    if needed > config.buffer.train_epochs:
+        raise ConfigError(f"distill.max_start_epoch + distill.expert_epochs = {needed} exceeds "
+                          f"buffer.train_epochs={config.buffer.train_epochs}")
+    keep = None if config.buffer.save_all_epochs else tuple(range(needed + 1))
+    return ExpertSettings(embed_dim=config.model.embed_dim, dropout=config.model.dropout,
+                          temperature=config.model.temperature, epochs=config.buffer.train_epochs,
+                          lr_img=config.buffer.lr_teacher_img, lr_txt=config.buffer.lr_teacher_txt,
+                          momentum=config.buffer.momentum, weight_decay=config.buffer.weight_decay,
+                          batch_size=config.buffer.batch_size, keep_epochs=keep)
+
+
+def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
+    """Train the experts (skipping those already on disk) and report each one's eval recall."""
+    from tqdm import tqdm
+
+    from repblend.stages.buffer import expert_path, head_specs, save_trajectory, train_expert, write_index
+    from repblend.stages.evaluate import retrieval_of
+    from repblend.stages.heads import DualHeads
+
+    device = resolve_device(config.run.device)
+    settings = expert_settings(config)
+    train = load_features(caches, config.data.train_split, device)
+    evalset = load_features(caches, config.data.eval_split, device)
+    buffer_dir = run_dir / "buffer"
+    experts = []
+    bar = tqdm(range(config.buffer.num_experts), desc="buffer experts", unit="expert",
+               disable=None if config.run.progress else True)
+    for k in bar:
+        path = expert_path(buffer_dir, k)
+        seed = config.run.seed * 10_000 + k
+        if not path.is_file():
+            traj = train_expert(train.image_features, train.text_features, train.caption_to_image, settings, seed,
+                                device)
+            last = max(traj.image)
+            heads = DualHeads(train.image_features.shape[1], train.text_features.shape[1], settings.embed_dim,
+                              settings.dropout).to(device)
+            img_spec, txt_spec = head_specs(train.image_features.shape[1], train.text_features.shape[1], settings)
+            img_spec.load_flat(heads.image, traj.image[last].to(device))
+            txt_spec.load_flat(heads.text, traj.text[last].to(device))
+            recall = retrieval_of(heads, evalset.image_features, evalset.text_features, evalset.caption_to_image,
+                                  device)
+            save_trajectory(path, traj, {"seed": seed, "epochs": sorted(traj.image), "eval_recall": recall})
+            log.info("expert %d (seed %d): epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k, seed, last,
+                     config.data.eval_split, recall["r_mean"], recall["img_r10"], recall["txt_r10"])
+        experts.append({"path": path.name, "seed": seed})
+    write_index(buffer_dir, {"experts": experts, "settings": settings.__dict__ | {"keep_epochs": list(
+        settings.keep_epochs) if settings.keep_epochs else None}})
+    return buffer_dir
+
+
+# distill --------------------------------------------------------------------------------------------------
+
+def initial_pairs(train, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """N distinct real training images and one random caption of each (seeded): the synthetic set's start."""
+    if n > train.num_images:
+        raise ConfigError(f"distill.num_queries={n} exceeds the {train.num_images} training images")
+    generator = torch.Generator().manual_seed(seed)
+    image_idx = torch.randperm(train.num_images, generator=generator)[:n].sort().values
+    c2i = train.caption_to_image.cpu()
+    caption_idx = []
+    for i in image_idx.tolist():
+        options = (c2i == i).nonzero().flatten()
+        caption_idx.append(int(options[torch.randint(len(options), (1,), generator=generator)]))
+    return image_idx, torch.tensor(caption_idx, dtype=torch.long)
+
+
+def _initial_pixels(config: Config, train, image_idx: torch.Tensor, image_encoder) -> torch.Tensor:
+    from repblend.stages.ingest import load_image
+
+    transform = image_encoder.preprocess.transform()
+    paths = [train.manifest["image_paths"][i] for i in image_idx.tolist()]
+    return torch.stack([transform(load_image(p)) for p in paths])
+
+
+def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
+    """Distil the synthetic set (resuming from the run's checkpoint) and save it as safetensors."""
+    import json
+
+    from tqdm import tqdm
+
+    from repblend.stages.buffer import head_specs, load_trajectory
+    from repblend.stages.distill import DistillSettings, SyntheticSet
+    from repblend.stages.distiller import Distiller, OuterSettings
+    from repblend.stages.io import write_tensors
+
+    dc = config.distill
+    if dc.mode == "lors":
+        raise StageNotImplementedError("distill.mode=lors (asymmetric matching of the whole image encoder) is not "
+                                       "implemented yet")
+    device = resolve_device(config.run.device)
+    train = load_features(caches, config.data.train_split, device)
+    buffer_dir = run_dir / "buffer"
+    index = json.loads((buffer_dir / "index.json").read_text())
+    trajectories = [load_trajectory(buffer_dir / e["path"]) for e in index["experts"]]
+    image_idx, caption_idx = initial_pairs(train, dc.num_queries, config.run.seed)
+    encoder = None
+    if dc.space == "pixel":
+        encoder, _ = build_encoders(config, device)
+        images = _initial_pixels(config, train, image_idx, encoder)
+        if dc.pix_init == "noise":
+            images = torch.randn(images.shape, generator=torch.Generator().manual_seed(config.run.seed))
+    else:
+        images = train.image_features[image_idx]
+    texts = train.text_features[caption_idx]
+    syn = SyntheticSet(images, texts, sim_type=dc.sim_type, sim_rank=dc.sim_rank, sim_alpha=dc.sim_alpha,
+                       lr_init=dc.lr_teacher, generator=torch.Generator().manual_seed(config.run.seed))
+    specs = head_specs(train.image_features.shape[1], train.text_features.shape[1], expert_settings(config))
+    settings = DistillSettings(syn_steps=dc.syn_steps, expert_epochs=dc.expert_epochs,
+                               max_start_epoch=dc.max_start_epoch, mini_batch_size=dc.mini_batch_size,
+                               temperature=config.model.temperature, loss=dc.loss,
+                               merge_loss_branches=dc.merge_loss_branches, grad_mode=dc.grad_mode,
+                               blend=config.blend.enabled, beta_a=config.blend.beta_a, beta_b=config.blend.beta_b)
+    outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum)
+    distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed, image_encoder=encoder,
+                          device=device)
+    out_dir = run_dir / "distill"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / "checkpoint.pt"
+    metrics_path = out_dir / "metrics.jsonl"
+    resumed_from = 0
+    if checkpoint.is_file():
+        distiller.load(checkpoint)
+        resumed_from = distiller.iteration
+        log.info("distill: resuming from iteration %d (%s)", resumed_from, checkpoint)
+    bar = tqdm(total=dc.iterations, initial=resumed_from, desc="distill", unit="it",
+               disable=None if config.run.progress else True)
+    with metrics_path.open("a") as metrics:
+        def on_step(step) -> None:
+            metrics.write(json.dumps(step.__dict__) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{step.loss:.4f}", lr_img=f"{step.syn_lr_img:.4f}")
+
+        distiller.run(dc.iterations, checkpoint=checkpoint, ckpt_every=dc.ckpt_every, on_step=on_step)
+    bar.close()
+    syn = distiller.syn
+    with torch.inference_mode():
+        features = syn.images.clone() if encoder is None else encoder(syn.images)
+    tensors = {"images": syn.images, "image_features": features.float(), "texts": syn.texts,
+               "similarity": syn.sim.full().detach(), "syn_lr_img": syn.syn_lr_img.detach().reshape(1),
+               "syn_lr_txt": syn.syn_lr_txt.detach().reshape(1), "init_image_index": image_idx,
+               "init_caption_index": caption_idx}
+    meta = {"space": dc.space, "mode": dc.mode, "iterations": str(distiller.iteration), "seed": str(config.run.seed),
+            "image_encoder": config.encoders.image.name, "text_encoder": config.encoders.text.name}
+    path = out_dir / "synthetic.safetensors"
+    write_tensors(path, tensors, metadata=meta)
+    return path
+
+
+# evaluate -------------------------------------------------------------------------------------------------
+
+def train_settings(config: Config, **changes) -> "TrainSettings":
+    from repblend.stages.evaluate import TrainSettings
+
+    ec = config.eval
+    base = TrainSettings(embed_dim=config.model.embed_dim, dropout=config.model.dropout,
+                         temperature=config.model.temperature, epochs=ec.epochs, momentum=ec.momentum,
+                         weight_decay=ec.weight_decay, batch_size=ec.batch_size, loss=ec.loss)
+    return dataclasses.replace(base, **changes)
+
+
+def _real_pairs(train, caption_idx: torch.Tensor, lr: float) -> "PairSet":
+    from repblend.stages.evaluate import PairSet
+
+    return PairSet(train.image_features[train.caption_to_image[caption_idx]], train.text_features[caption_idx],
+                   None, lr, lr)
+
+
+def _coreset(method: str, train, n: int, seed: int) -> torch.Tensor:
+    """Caption indices of an n-pair coreset; pairs are (caption, its image) as in training."""
+    import torch.nn.functional as F
+
+    from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
+
+    if method == "random":
+        return random_coreset(train.text_features.shape[0], n, seed)
+    pair_features = torch.cat([F.normalize(train.image_features[train.caption_to_image], dim=-1),
+                               F.normalize(train.text_features, dim=-1)], dim=1)
+    if method == "herding":
+        return herding_coreset(pair_features, n)
+    return kcenter_coreset(pair_features, n, seed)
+
+
+def full_bound(config: Config, train, evalset, device: torch.device) -> tuple[dict, dict]:
+    """All real pairs, CLIP loss, cosine schedule; best epoch on the eval split (a conservative, strong bound)."""
+    from repblend.stages.evaluate import retrieval_of, summarize, train_heads
+
+    settings = train_settings(config, loss="clip", schedule="cosine", epochs=config.eval.full_epochs)
+    pairs = _real_pairs(train, torch.arange(train.text_features.shape[0], device=device), config.eval.full_lr)
+    eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
+    curve: list[tuple[int, dict]] = []
+    train_heads(pairs, settings, config.run.seed, device,
+                on_epoch=lambda epoch, heads: curve.append((epoch, retrieval_of(heads, *eval_features, device))))
+    best_epoch, best = max(curve, key=lambda item: item[1]["r_mean"])
+    runs = [best]
+    for seed in eval_seeds(config)[1:]:  # same schedule, stopped at the selected epoch
+        heads = train_heads(pairs, settings, seed, device, stop_after=best_epoch)
+        runs.append(retrieval_of(heads, *eval_features, device))
+    info = {"lr": config.eval.full_lr, "epochs": config.eval.full_epochs, "best_epoch": best_epoch,
+            "selected_on": config.data.eval_split}
+    return summarize(runs), info
+
+
+def eval_seeds(config: Config) -> list[int]:
+    return [config.run.seed * 1000 + 17 * j + 1 for j in range(config.eval.num_eval)]
+
+
+def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> dict:
+    """Every method of the results table under one protocol; writes results.json and results.md."""
+    from safetensors.torch import load_file
+
+    from repblend.stages.evaluate import PairSet, evaluate_pairs
+    from repblend.stages.io import write_json, write_text
+
+    device = resolve_device(config.run.device)
+    train = load_features(caches, config.data.train_split, device)
+    evalset = load_features(caches, config.data.eval_split, device)
+    eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
+    seeds = eval_seeds(config)
+    settings = train_settings(config)
+    n = config.distill.num_queries
+    lr0 = config.distill.lr_teacher
+    methods, notes = {}, {}
+    synthetic_path = run_dir / "distill" / "synthetic.safetensors"
+    if synthetic_path.is_file():
+        syn = load_file(str(synthetic_path), device=str(device))
+        distilled = PairSet(syn["image_features"], syn["texts"], syn["similarity"], float(syn["syn_lr_img"]),
+                            float(syn["syn_lr_txt"]))
+        methods["repblend"] = evaluate_pairs(distilled, settings, eval_features, seeds, device)
+        init = _real_pairs(train, syn["init_caption_index"], lr0)
+        methods["init"] = evaluate_pairs(init, settings, eval_features, seeds, device)
+    for method in config.eval.methods:
+        if method in ("random", "herding", "kcenter"):
+            runs = []
+            for seed in seeds:  # random draws a new coreset per seed; herding/k-center are (nearly) fixed
+                pairs = _real_pairs(train, _coreset(method, train, n, seed).to(device), lr0)
+                runs.append(evaluate_pairs(pairs, settings, eval_features, [seed], device))
+            methods[method] = {k: _pool([r[k]["mean"] for r in runs]) for k in runs[0]}
+        elif method == "full":
+            methods["full"], notes["full"] = full_bound(config, train, evalset, device)
+        elif method == "lors":
+            notes["lors"] = "not implemented yet"
+    results = {"methods": methods, "eval_split": config.data.eval_split, "pairs": n, "seeds": seeds,
+               "space": config.distill.space, "notes": notes,
+               "protocol": {"epochs": settings.epochs, "loss": settings.loss, "momentum": settings.momentum,
+                            "weight_decay": settings.weight_decay, "coreset_lr": lr0}}
+    write_json(run_dir / "results.json", results)
+    write_text(run_dir / "results.md", results_table(results))
+    return results
+
+
+def _pool(values: list[float]) -> dict[str, float]:
+    import statistics
+
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def results_table(results: dict) -> str:
+    from repblend.stages.evaluate import METRICS
+
+    header = "| method | " + " | ".join(METRICS) + " |"
+    lines = [f"Retrieval on {results['eval_split']}, {results['pairs']} pairs, mean ± std over "
+             f"{len(results['seeds'])} evaluation seeds (IR = img_r*, TR = txt_r*)", "", header,
+             "|---" * (len(METRICS) + 1) + "|"]
+    for name, metrics in results["methods"].items():
+        cells = [f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, note in results.get("notes", {}).items():
+        lines.append(f"\n{name}: {note}")
+    return "\n".join(lines) + "\n"

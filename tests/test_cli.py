@@ -1,0 +1,103 @@
+"""The `repblend` command: exit codes, one-line errors, run-directory records."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repblend.pipeline.cli import main
+from repblend.stages.toydata import make_toy_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.image.image_size=32",
+        "encoders.text.name=tiny", "encoders.text.weights=random", "encoders.num_workers=0", "run.progress=false"]
+
+
+def test_console_script_is_installed():
+    assert shutil.which("repblend") or (Path(sys.executable).parent / "repblend").exists()
+    out = subprocess.run([sys.executable, "-m", "repblend.pipeline", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("run", "encode", "buffer", "distill", "eval", "tune", "export", "report", "convert"):
+        assert command in out.stdout
+
+
+def test_validate_prints_the_resolved_config(capsys):
+    assert main(["validate", "--config", str(ROOT / "configs/flickr8k_100.yaml"), "distill.iterations=5"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["distill"]["iterations"] == 5
+    assert resolved["run"]["name"] == "flickr8k_100"
+
+
+def test_overrides_after_options_are_accepted(capsys):
+    assert main(["validate", "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--debug", "blend.beta_a=2"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["blend"]["beta_a"] == 2.0
+
+
+def test_bad_key_is_one_line_and_nonzero(capsys):
+    code = main(["validate", "--config", str(ROOT / "configs/flickr8k_100.yaml"), "distil.iterations=5"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert "unknown config key 'distil' (did you mean 'distill'?)" in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    main(["validate", "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--debug", "distil.iterations=5"])
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_missing_dataset_names_the_path(tmp_path, capsys):
+    code = main(["encode", "--config", str(ROOT / "configs/flickr8k_100.yaml"), f"data.root={tmp_path / 'nowhere'}",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_unimplemented_stage_says_so(tmp_path, capsys):
+    code = main(["tune", "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--run-dir", str(tmp_path / "run")])
+    assert code == 3
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_encode_records_config_versions_and_seeds(tmp_path, capsys):
+    toy = make_toy_dataset(tmp_path / "toy", n_train=8, n_dev=4, size=32)
+    run_dir = tmp_path / "run"
+    code = main(["encode", "--config", str(ROOT / "configs/flickr8k_100.yaml"), f"data.root={toy}",
+                 f"cache.dir={tmp_path / 'cache'}", "--run-dir", str(run_dir), "run.seed=7", *TINY])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "train: 8 images x 32, 40 captions x 32" in out and "dev: 4 images x 32, 20 captions x 32" in out
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["run"]["seed"] == 7 and config["encoders"]["image"]["name"] == "tiny"
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["seeds"]["run.seed"] == 7
+    assert env["packages"]["torch"] and env["packages"]["repblend"]
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert set(stages["encode"]) >= {"train", "dev", "finished"}
+
+
+def test_convert_writes_shards_that_read_back(tmp_path, capsys):
+    toy = make_toy_dataset(tmp_path / "toy", n_train=6, n_dev=3, size=32)
+    out_dir = tmp_path / "shards"
+    code = main(["convert", "--config", str(ROOT / "configs/flickr8k_100.yaml"), f"data.root={toy}",
+                 "--out", str(out_dir), "--shard-size", "4"])
+    assert code == 0
+    from repblend.stages.ingest import read_flickr8k
+    from repblend.stages.wds import read_webdataset
+
+    back = read_webdataset(str(out_dir))
+    original = read_flickr8k(toy)
+    assert sorted((r.image_id, r.split, r.captions) for r in back.records) == sorted(
+        (r.image_id, r.split, r.captions) for r in original.records)
+    assert len(list(out_dir.glob("*.tar"))) == 3
+
+
+@pytest.mark.parametrize("argv", [["run"], ["encode", "--config"]])
+def test_argument_errors_exit_nonzero(argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code != 0

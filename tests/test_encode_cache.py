@@ -1,0 +1,110 @@
+"""Feature cache: shapes, skip on rerun, refusal of a foreign cache, bad images, nothing half-written."""
+
+import os
+
+import pytest
+import torch
+
+from repblend.pipeline import steps
+from repblend.pipeline.config import load_config
+from repblend.stages.errors import CacheError, DataError
+from repblend.stages.toydata import make_toy_dataset
+
+TINY = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.image.image_size=32",
+        "encoders.text.name=tiny", "encoders.text.weights=random", "encoders.num_workers=0", "run.progress=false"]
+
+
+@pytest.fixture()
+def toy(tmp_path):
+    return make_toy_dataset(tmp_path / "toy", n_train=12, n_dev=6, size=40)
+
+
+def _config(toy, tmp_path, *extra):
+    return load_config(None, [f"data.root={toy}", "data.name=toy", f"cache.dir={tmp_path / 'cache'}", *TINY, *extra])
+
+
+def test_encode_writes_the_right_shapes_and_manifest(toy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    caches = steps.encode(_config(toy, tmp_path))
+    train = caches["train"].load()
+    assert train.image_features.shape == (12, 32)
+    assert train.text_features.shape == (60, 32)
+    assert train.caption_to_image.tolist() == [i for i in range(12) for _ in range(5)]
+    manifest = caches["train"].manifest()
+    assert manifest["image_encoder"]["name"] == "tiny" and manifest["image_encoder"]["feature_dim"] == 32
+    assert manifest["dtype"] == "float16"
+    assert len(manifest["captions"]) == 60 and manifest["image_ids"][0] == "toy_00000.jpg"
+    assert caches["dev"].load().image_features.shape == (6, 32)
+
+
+def test_features_equal_a_direct_encoder_call(toy, tmp_path):
+    config = _config(toy, tmp_path, "cache.dtype=float32")
+    cache = steps.encode(config)["dev"].load()
+    image_encoder, text_encoder = steps.build_encoders(config, torch.device("cpu"))
+    from repblend.stages.ingest import load_image
+
+    pixels = image_encoder.preprocess.transform()(load_image(str(toy / "images" / cache.image_ids[0])))
+    with torch.inference_mode():
+        direct = image_encoder(pixels[None])[0]
+        text = text_encoder([cache.captions[3]])[0]
+    torch.testing.assert_close(cache.image_features[0], direct, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache.text_features[3], text, rtol=1e-4, atol=1e-5)
+
+
+def test_second_run_is_skipped(toy, tmp_path):
+    config = _config(toy, tmp_path)
+    cache = steps.encode(config)["train"]
+    stamp = os.stat(cache.tensors_path).st_mtime_ns
+    steps.encode(config)
+    assert os.stat(cache.tensors_path).st_mtime_ns == stamp
+
+
+def test_cache_from_another_encoder_is_refused(toy, tmp_path):
+    steps.encode(_config(toy, tmp_path))
+    other = _config(toy, tmp_path, "encoders.text.pooling=cls")
+    with pytest.raises(CacheError, match=r"train.json: cache was built with another text encoder: pooling='mean'"):
+        steps.encode(other)
+    rebuilt = steps.encode(_config(toy, tmp_path, "encoders.text.pooling=cls", "cache.overwrite=true"))
+    assert rebuilt["train"].manifest()["text_encoder"]["pooling"] == "cls"
+
+
+def test_changed_inputs_are_refused(toy, tmp_path):
+    steps.encode(_config(toy, tmp_path))
+    token_file = toy / "Flickr8k.token.txt"
+    token_file.write_text(token_file.read_text().replace("a red", "a crimson", 1))
+    with pytest.raises(CacheError, match="built from different inputs"):
+        steps.encode(_config(toy, tmp_path))
+
+
+def test_default_cache_is_content_addressed(toy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, [f"data.root={toy}", "data.name=toy", *TINY])
+    first = steps.encode(config)["train"]
+    other = steps.encode(load_config(None, [f"data.root={toy}", "data.name=toy", *TINY, "encoders.text.pooling=cls"]))
+    assert first.tensors_path.parent.resolve() == other["train"].tensors_path.parent.resolve()
+    assert first.tensors_path.parent.resolve() == (tmp_path / "runs/cache/toy").resolve()
+    assert first.tensors_path != other["train"].tensors_path  # both live side by side, neither refused
+
+
+def _corrupt(toy):
+    bad = toy / "images" / "toy_00003.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    return bad
+
+
+def test_corrupt_jpeg_stops_with_its_name_and_leaves_no_cache(toy, tmp_path):
+    _corrupt(toy)
+    with pytest.raises(DataError, match=r"toy_00003.jpg") as info:
+        steps.encode(_config(toy, tmp_path))
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "cache").glob("train.*"))
+
+
+def test_corrupt_jpeg_skipped_when_asked(toy, tmp_path):
+    _corrupt(toy)
+    with pytest.warns(UserWarning, match="toy_00003.jpg"):
+        caches = steps.encode(_config(toy, tmp_path, "data.on_error=skip"))
+    train = caches["train"].load()
+    assert train.image_features.shape[0] == 11 and train.text_features.shape[0] == 55
+    assert "toy_00003.jpg" not in train.image_ids
+    assert caches["train"].manifest()["skipped_images"] == 1
