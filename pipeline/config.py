@@ -167,6 +167,8 @@ class DistillConfig:
     lr_sim: float = 10.0
     lr_teacher: float = 0.1  # initial learnable student lr
     momentum: float = 0.5
+    optimizer: str = "sgd"  # sgd (reference: momentum 0.5) | adam (scale-free, suits distill.space=feature)
+    lr_floor: float = 0.0  # clamp learned student lrs at this floor (the MTT code's clamp_lr); 0 = no clamp
     sim_type: str = "lowrank"  # lowrank | full
     sim_rank: int = 10
     sim_alpha: float = 3.0
@@ -184,6 +186,8 @@ class DistillConfig:
         _choice("distill.loss", self.loss, ("wbce", "clip"))
         _choice("distill.grad_mode", self.grad_mode, ("tesla", "unroll"))
         _choice("distill.pix_init", self.pix_init, ("real", "noise"))
+        _choice("distill.optimizer", self.optimizer, ("sgd", "adam"))
+        _positive("distill.lr_floor", self.lr_floor, allow_zero=True)
         for key in ("num_queries", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
                     "mini_batch_size", "sim_rank", "ckpt_every"):
             _positive(f"distill.{key}", getattr(self, key))

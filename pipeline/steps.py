@@ -229,7 +229,8 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> P
                                temperature=config.model.temperature, loss=dc.loss,
                                merge_loss_branches=dc.merge_loss_branches, grad_mode=dc.grad_mode,
                                blend=config.blend.enabled, beta_a=config.blend.beta_a, beta_b=config.blend.beta_b)
-    outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum)
+    outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum,
+                          optimizer=dc.optimizer, lr_floor=dc.lr_floor)
     distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed, image_encoder=encoder,
                           device=device)
     out_dir = run_dir / "distill"

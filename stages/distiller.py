@@ -35,6 +35,8 @@ class OuterSettings:
     lr_lr: float
     lr_sim: float
     momentum: float = 0.5
+    optimizer: str = "sgd"  # sgd (reference, momentum) | adam (scale-free; suits feature space)
+    lr_floor: float = 0.0  # clamp learned student lrs at this floor after each update (0 = no clamp)
 
 
 @dataclass
@@ -65,13 +67,16 @@ class Distiller:
     def __post_init__(self) -> None:
         self.syn.to(self.device)
         self.rng = np.random.default_rng(self.seed)
-        sim_params = list(self.syn.sim.parameters())
-        self.optimizer = torch.optim.SGD([
+        groups = [
             {"params": [self.syn.images], "lr": self.outer.lr_img},
             {"params": [self.syn.texts], "lr": self.outer.lr_txt},
             {"params": [self.syn.syn_lr_img, self.syn.syn_lr_txt], "lr": self.outer.lr_lr},
-            {"params": sim_params, "lr": self.outer.lr_sim},
-        ], lr=self.outer.lr_img, momentum=self.outer.momentum)
+            {"params": list(self.syn.sim.parameters()), "lr": self.outer.lr_sim},
+        ]
+        if self.outer.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(groups, lr=self.outer.lr_img)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=self.outer.lr_img, momentum=self.outer.momentum)
         # trajectories stay resident on the device: they are small, and reloading them is what the references do
         self._traj = [
             Trajectory({e: t.to(self.device) for e, t in tr.image.items()},
@@ -108,6 +113,10 @@ class Distiller:
         if encoded is not None:
             encoded.backward(features.grad.to(encoded.dtype))
         self.optimizer.step()
+        if self.outer.lr_floor > 0:
+            with torch.no_grad():
+                self.syn.syn_lr_img.clamp_(min=self.outer.lr_floor)
+                self.syn.syn_lr_txt.clamp_(min=self.outer.lr_floor)
         self.iteration += 1
         self._check(result)  # before any checkpoint of this state is written
         return StepLog(self.iteration, result.loss, result.loss_img, result.loss_txt, self.syn.syn_lr_img.item(),
