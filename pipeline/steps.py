@@ -132,14 +132,15 @@ def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     """Train the experts (skipping those already on disk) and report each one's eval recall."""
     from tqdm import tqdm
 
-    from repblend.stages.buffer import expert_path, head_specs, save_trajectory, train_expert, write_index
+    from repblend.stages.buffer import (expert_path, heads_at, save_trajectory, train_expert, trajectory_meta,
+                                        write_index)
     from repblend.stages.evaluate import retrieval_of
-    from repblend.stages.heads import DualHeads
 
     device = resolve_device(config.run.device)
     settings = expert_settings(config)
     train = load_features(caches, config.data.train_split, device)
     evalset = load_features(caches, config.data.eval_split, device)
+    dims = (train.image_features.shape[1], train.text_features.shape[1])
     buffer_dir = run_dir / "buffer"
     experts = []
     bar = tqdm(range(config.buffer.num_experts), desc="buffer experts", unit="expert",
@@ -147,23 +148,18 @@ def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     for k in bar:
         path = expert_path(buffer_dir, k)
         seed = config.run.seed * 10_000 + k
-        if not path.is_file():
+        if not path.is_file():  # experts already on disk are kept: a killed buffer resumes where it stopped
             traj = train_expert(train.image_features, train.text_features, train.caption_to_image, settings, seed,
                                 device)
             last = max(traj.image)
-            heads = DualHeads(train.image_features.shape[1], train.text_features.shape[1], settings.embed_dim,
-                              settings.dropout).to(device)
-            img_spec, txt_spec = head_specs(train.image_features.shape[1], train.text_features.shape[1], settings)
-            img_spec.load_flat(heads.image, traj.image[last].to(device))
-            txt_spec.load_flat(heads.text, traj.text[last].to(device))
+            heads = heads_at(traj, last, settings, *dims).to(device)
             recall = retrieval_of(heads, evalset.image_features, evalset.text_features, evalset.caption_to_image,
                                   device)
             save_trajectory(path, traj, {"seed": seed, "epochs": sorted(traj.image), "eval_recall": recall})
             log.info("expert %d (seed %d): epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k, seed, last,
                      config.data.eval_split, recall["r_mean"], recall["img_r10"], recall["txt_r10"])
-        experts.append({"path": path.name, "seed": seed})
-    write_index(buffer_dir, {"experts": experts, "settings": settings.__dict__ | {"keep_epochs": list(
-        settings.keep_epochs) if settings.keep_epochs else None}})
+        experts.append({"path": path.name, **trajectory_meta(path)})
+    write_index(buffer_dir, {"experts": experts, "settings": dataclasses.asdict(settings)})
     return buffer_dir
 
 

@@ -92,6 +92,15 @@ def train_expert(image_features: torch.Tensor, text_features: torch.Tensor, capt
     return traj
 
 
+def heads_at(traj: Trajectory, epoch: int, settings: ExpertSettings, img_dim: int, txt_dim: int) -> DualHeads:
+    """The expert's heads as a module at one snapshot (to measure its retrieval quality)."""
+    heads = DualHeads(img_dim, txt_dim, settings.embed_dim, settings.dropout)
+    img_spec, txt_spec = head_specs(img_dim, txt_dim, settings)
+    img_spec.load_flat(heads.image, traj.image[epoch])
+    txt_spec.load_flat(heads.text, traj.text[epoch])
+    return heads.eval()
+
+
 def expert_path(buffer_dir: Path, expert: int) -> Path:
     return Path(buffer_dir) / f"expert_{expert:03d}.safetensors"
 
@@ -100,6 +109,11 @@ def save_trajectory(path: Path, traj: Trajectory, meta: dict) -> None:
     tensors = {f"image.{e}": t for e, t in traj.image.items()}
     tensors.update({f"text.{e}": t for e, t in traj.text.items()})
     write_tensors(path, tensors, metadata={"meta": json.dumps(meta)})
+
+
+def trajectory_meta(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("meta", "{}"))
 
 
 def load_trajectory(path: Path) -> Trajectory:

@@ -134,6 +134,11 @@ class _ImageDataset(Dataset):
             return i, None, f"{self.paths[i]}: cannot decode image ({exc})"
 
 
+def _autocast(device: torch.device):
+    """bf16 on GPU (features are stored as fp16/fp32 anyway); full precision on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def _collate(batch):
     return batch
 
@@ -143,11 +148,9 @@ def encode_images(encoder: ImageEncoder, paths: list[str], *, batch_size: int, n
     """Features of every decodable image, and the indices of the images that were kept."""
     loader = DataLoader(_ImageDataset(paths, encoder.preprocess.transform()), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
     features, kept = [], []
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), _autocast(device):
         for batch in loader:
             good = []
             for i, pixels, error in batch:
@@ -183,7 +186,8 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
     captions = [c for r in kept_records for c in r.captions]
     caption_to_image = torch.tensor([i for i, r in enumerate(kept_records) for _ in r.captions], dtype=torch.long)
     image_seconds = time.perf_counter() - start
-    txt_feats = encode_texts(text_encoder, captions, batch_size=text_batch_size, device=device, progress=progress)
+    with _autocast(device):
+        txt_feats = encode_texts(text_encoder, captions, batch_size=text_batch_size, progress=progress)
     dtype = _DTYPES[identity.dtype]
     write_tensors(cache.tensors_path, {
         "image_features": img_feats.to(dtype),
