@@ -88,6 +88,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{split}: {m['num_images']} images x {m['image_encoder']['feature_dim']}, "
                   f"{m['num_captions']} captions x {m['text_encoder']['feature_dim']} -> {cache.tensors_path}")
         return 0
+    steps.check_budget(config, caches)
     if args.command in ("buffer", "run"):
         mark_stage_done(run_dir, "buffer", {"dir": str(steps.buffer(config, run_dir, caches))})
     if args.command in ("distill", "run"):

@@ -107,6 +107,14 @@ def encode(config: Config, splits: list[str] | None = None) -> dict[str, Feature
     return caches
 
 
+def check_budget(config: Config, caches: dict[str, FeatureCache]) -> None:
+    """Fail before any training if the synthetic set cannot be initialised from the training images."""
+    available = caches[config.data.train_split].manifest()["num_images"]
+    if config.distill.num_queries > available:
+        raise ConfigError(f"distill.num_queries={config.distill.num_queries} exceeds the {available} training "
+                          f"images of split '{config.data.train_split}'")
+
+
 # buffer ---------------------------------------------------------------------------------------------------
 
 def load_features(caches: dict[str, FeatureCache], split: str, device: torch.device):
@@ -167,8 +175,6 @@ def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
 
 def initial_pairs(train, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """N distinct real training images and one random caption of each (seeded): the synthetic set's start."""
-    if n > train.num_images:
-        raise ConfigError(f"distill.num_queries={n} exceeds the {train.num_images} training images")
     generator = torch.Generator().manual_seed(seed)
     image_idx = torch.randperm(train.num_images, generator=generator)[:n].sort().values
     c2i = train.caption_to_image.cpu()
@@ -199,6 +205,7 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> P
     from repblend.stages.io import write_tensors
 
     dc = config.distill
+    check_budget(config, caches)
     if dc.mode == "lors":
         raise StageNotImplementedError("distill.mode=lors (asymmetric matching of the whole image encoder) is not "
                                        "implemented yet")
