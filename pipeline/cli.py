@@ -89,7 +89,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"{m['num_captions']} captions x {m['text_encoder']['feature_dim']} -> {cache.tensors_path}")
         return 0
     steps.check_budget(config, caches)
-    if args.command in ("buffer", "run"):
+    # each command builds what it needs and is missing; finished work (cache, experts, checkpoints) is reused
+    if args.command in ("buffer", "distill", "run"):
         mark_stage_done(run_dir, "buffer", {"dir": str(steps.buffer(config, run_dir, caches))})
     if args.command in ("distill", "run"):
         mark_stage_done(run_dir, "distill", {"synthetic": str(steps.distill(config, run_dir, caches))})

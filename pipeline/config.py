@@ -168,13 +168,13 @@ class DistillConfig:
     lr_teacher: float = 0.1  # initial learnable student lr
     momentum: float = 0.5
     optimizer: str = "sgd"  # sgd (reference: momentum 0.5) | adam (scale-free, suits distill.space=feature)
-    lr_floor: float = 0.0  # clamp learned student lrs at this floor (the MTT code's clamp_lr); 0 = no clamp
+    lr_floor: float = 0.001  # clamp learned student lrs here (the MTT code's clamp_lr); 0 = none, stop if <= 0
     sim_type: str = "lowrank"  # lowrank | full
     sim_rank: int = 10
     sim_alpha: float = 3.0
     loss: str = "wbce"  # wbce | clip
     merge_loss_branches: bool = False  # COCO scripts: (img + txt) / (D_img + D_txt)
-    grad_mode: str = "tesla"  # tesla (constant memory, two passes) | unroll (exact)
+    grad_mode: str = "unroll"  # unroll (exact; faster here) | tesla (the references' constant-memory two passes)
     pix_init: str = "real"  # real | noise
     ckpt_every: int = 100
     eval_every: int = 0  # 0 = only at the end

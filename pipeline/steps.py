@@ -344,7 +344,9 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     lr0 = config.distill.lr_teacher
     methods, notes = {}, {}
     synthetic_path = run_dir / "distill" / "synthetic.safetensors"
-    if synthetic_path.is_file():
+    if not synthetic_path.is_file():
+        log.warning("eval: no distilled set in %s yet; evaluating the baselines only", run_dir)
+    else:
         syn = load_file(str(synthetic_path), device=str(device))
         distilled = PairSet(syn["image_features"], syn["texts"], syn["similarity"], float(syn["syn_lr_img"]),
                             float(syn["syn_lr_txt"]))
