@@ -210,8 +210,8 @@ class EvalConfig:
     methods: list[str] = field(
         default_factory=lambda: ["repblend", "lors", "random", "herding", "kcenter", "full"]
     )
-    full_lr: float = 0.03  # full-data upper bound: SGD lr (swept on dev, see TARGETS.md)
-    full_epochs: int = 20
+    full_lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])  # full-data bound: SGD lrs swept
+    full_epochs: int = 20  # cosine schedule length; the best (lr, epoch) on the eval split is the bound
 
     def __post_init__(self) -> None:
         _choice("eval.loss", self.loss, ("wbce", "clip"))
@@ -219,6 +219,8 @@ class EvalConfig:
             _choice("eval.methods[]", method, ("repblend", "lors", "random", "herding", "kcenter", "full"))
         for key in ("epochs", "num_eval", "batch_size", "full_epochs"):
             _positive(f"eval.{key}", getattr(self, key))
+        if not self.full_lrs or min(self.full_lrs) <= 0:
+            raise ConfigError(f"eval.full_lrs={self.full_lrs} must be a non-empty list of positive lrs")
 
 
 @dataclass

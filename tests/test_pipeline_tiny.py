@@ -54,3 +54,14 @@ def test_budget_larger_than_the_dataset_is_refused(toy, tmp_path):
     caches = steps.encode(config)
     with pytest.raises(ConfigError, match=r"distill.num_queries=25 exceeds the 24 training images of split 'train'"):
         steps.check_budget(config, caches)
+
+
+def test_buffer_retrains_experts_that_lack_needed_snapshots(toy, tmp_path):
+    base = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY]
+    short = load_config(None, [*base, "distill.max_start_epoch=1"])
+    caches = steps.encode(short)
+    steps.buffer(short, tmp_path, caches)
+    assert json.loads((tmp_path / "buffer/index.json").read_text())["experts"][0]["epochs"] == [0, 1, 2]
+    longer = load_config(None, [*base, "distill.max_start_epoch=2"])
+    steps.buffer(longer, tmp_path, caches)
+    assert json.loads((tmp_path / "buffer/index.json").read_text())["experts"][0]["epochs"] == [0, 1, 2, 3]
