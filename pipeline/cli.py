@@ -61,7 +61,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         raise StageNotImplementedError("repblend report is not implemented yet (planned: results table and plots)")
 
-    from repblend.pipeline import steps
+    from repblend.pipeline import evaluation, steps
     from repblend.pipeline.config import load_config, to_yaml
     from repblend.pipeline.rundir import mark_stage_done, prepare_run_dir
 
@@ -95,7 +95,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("distill", "run"):
         mark_stage_done(run_dir, "distill", {"synthetic": str(steps.distill(config, run_dir, caches))})
     if args.command in ("eval", "run"):
-        steps.evaluate(config, run_dir, caches)
+        evaluation.evaluate(config, run_dir, caches)
         mark_stage_done(run_dir, "eval", {"results": str(run_dir / "results.json")})
         print((run_dir / "results.md").read_text(), end="")
     return 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repblend.pipeline import steps
+from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import load_config
 from repblend.stages.errors import ConfigError
 from repblend.stages.toydata import make_toy_dataset
@@ -43,7 +43,7 @@ def test_chain_writes_a_synthetic_set(toy, tmp_path, space):
     assert not torch.allclose(syn["texts"], init)  # distillation moved the texts
     lines = (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]
-    results = steps.evaluate(config, tmp_path, caches)
+    results = evaluation.evaluate(config, tmp_path, caches)
     assert set(results["methods"]) == {"repblend", "init", "random", "herding", "kcenter", "full"}
     assert results["notes"]["lors"] == "not implemented yet"
 

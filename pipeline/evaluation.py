@@ -1,0 +1,149 @@
+"""Evaluation step: every row of the results table (distilled set, its initialisation, coresets, full data)
+trained and measured under one protocol, written as results.json and results.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from repblend.pipeline.config import Config
+from repblend.pipeline.steps import load_features, resolve_device
+from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
+from repblend.stages.encode import FeatureCache
+from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, retrieval_of, summarize,
+                                      train_heads)
+from repblend.stages.io import write_json, write_text
+
+log = logging.getLogger("repblend")
+
+
+def train_settings(config: Config, **changes) -> TrainSettings:
+    ec = config.eval
+    base = TrainSettings(embed_dim=config.model.embed_dim, dropout=config.model.dropout,
+                         temperature=config.model.temperature, epochs=ec.epochs, momentum=ec.momentum,
+                         weight_decay=ec.weight_decay, batch_size=ec.batch_size, loss=ec.loss)
+    return dataclasses.replace(base, **changes)
+
+
+def _real_pairs(train, caption_idx: torch.Tensor, lr: float) -> PairSet:
+    return PairSet(train.image_features[train.caption_to_image[caption_idx]], train.text_features[caption_idx],
+                   None, lr, lr)
+
+
+def _coreset(method: str, train, n: int, seed: int) -> torch.Tensor:
+    """Caption indices of an n-pair coreset; pairs are (caption, its image) as in training."""
+    if method == "random":
+        return random_coreset(train.text_features.shape[0], n, seed)
+    pair_features = torch.cat([F.normalize(train.image_features[train.caption_to_image], dim=-1),
+                               F.normalize(train.text_features, dim=-1)], dim=1)
+    if method == "herding":
+        return herding_coreset(pair_features, n)
+    return kcenter_coreset(pair_features, n, seed)
+
+
+def full_bound(config: Config, train, evalset, device: torch.device) -> tuple[dict, dict]:
+    """All real pairs, CLIP loss, cosine schedule; (lr, epoch) swept on the eval split, so the bound is strong
+    (a weak bound would inflate the share of the gap that distillation closes)."""
+    settings = train_settings(config, loss="clip", schedule="cosine", epochs=config.eval.full_epochs)
+    everything = torch.arange(train.text_features.shape[0], device=device)
+    eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
+    curve: list[tuple[float, int, dict]] = []
+    for lr in config.eval.full_lrs:
+        train_heads(_real_pairs(train, everything, lr), settings, config.run.seed, device,
+                    on_epoch=lambda epoch, heads, lr=lr: curve.append(
+                        (lr, epoch, retrieval_of(heads, *eval_features, device))))
+    best_lr, best_epoch, best = max(curve, key=lambda item: item[2]["r_mean"])
+    runs = [best]
+    for seed in eval_seeds(config)[1:]:  # same schedule, stopped at the selected epoch
+        heads = train_heads(_real_pairs(train, everything, best_lr), settings, seed, device, stop_after=best_epoch)
+        runs.append(retrieval_of(heads, *eval_features, device))
+    info = {"lrs": list(config.eval.full_lrs), "epochs": config.eval.full_epochs, "best_lr": best_lr,
+            "best_epoch": best_epoch, "selected_on": config.data.eval_split,
+            "curve": [{"lr": lr, "epoch": epoch, "r_mean": round(m["r_mean"], 2)} for lr, epoch, m in curve]}
+    return summarize(runs), info
+
+
+def _best_expert(run_dir: Path) -> dict | None:
+    index = run_dir / "buffer" / "index.json"
+    if not index.is_file():
+        return None
+    experts = [e for e in json.loads(index.read_text())["experts"] if "eval_recall" in e]
+    return max((e["eval_recall"] for e in experts), key=lambda r: r["r_mean"], default=None)
+
+
+def eval_seeds(config: Config) -> list[int]:
+    return [config.run.seed * 1000 + 17 * j + 1 for j in range(config.eval.num_eval)]
+
+
+def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> dict:
+    """Every method of the results table under one protocol; writes results.json and results.md."""
+    device = resolve_device(config.run.device)
+    train = load_features(caches, config.data.train_split, device)
+    evalset = load_features(caches, config.data.eval_split, device)
+    eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
+    seeds = eval_seeds(config)
+    settings = train_settings(config)
+    n = config.distill.num_queries
+    lr0 = config.distill.lr_teacher
+    methods, notes = {}, {}
+    synthetic_path = run_dir / "distill" / "synthetic.safetensors"
+    if not synthetic_path.is_file():
+        log.warning("eval: no distilled set in %s yet; evaluating the baselines only", run_dir)
+    else:
+        syn = load_file(str(synthetic_path), device=str(device))
+        distilled = PairSet(syn["image_features"], syn["texts"], syn["similarity"], float(syn["syn_lr_img"]),
+                            float(syn["syn_lr_txt"]))
+        methods["repblend"] = evaluate_pairs(distilled, settings, eval_features, seeds, device)
+        init = _real_pairs(train, syn["init_caption_index"], lr0)
+        methods["init"] = evaluate_pairs(init, settings, eval_features, seeds, device)
+    for method in config.eval.methods:
+        if method in ("random", "herding", "kcenter"):
+            runs = []
+            for seed in seeds:  # random draws a new coreset per seed; herding/k-center are (nearly) fixed
+                pairs = _real_pairs(train, _coreset(method, train, n, seed).to(device), lr0)
+                runs.append(retrieval_of(train_heads(pairs, settings, seed, device), *eval_features, device))
+            methods[method] = summarize(runs)
+        elif method == "full":
+            methods["full"], notes["full"] = full_bound(config, train, evalset, device)
+            expert = _best_expert(run_dir)
+            if expert is not None:
+                notes["full"]["best_expert_r_mean"] = round(expert["r_mean"], 2)
+                if methods["full"]["r_mean"]["mean"] < expert["r_mean"]:
+                    log.warning("eval: the full-data bound (r_mean %.2f) is below the best expert (%.2f); "
+                                "widen eval.full_lrs or eval.full_epochs", methods["full"]["r_mean"]["mean"],
+                                expert["r_mean"])
+        elif method == "lors":
+            notes["lors"] = "not implemented yet"
+    results = {"methods": methods, "eval_split": config.data.eval_split, "pairs": n, "seeds": seeds,
+               "space": config.distill.space, "notes": notes,
+               "protocol": {"epochs": settings.epochs, "loss": settings.loss, "momentum": settings.momentum,
+                            "weight_decay": settings.weight_decay, "coreset_lr": lr0}}
+    write_json(run_dir / "results.json", results)
+    write_text(run_dir / "results.md", results_table(results))
+    return results
+
+
+def results_table(results: dict) -> str:
+    header = "| method | " + " | ".join(METRICS) + " |"
+    lines = [f"Retrieval on {results['eval_split']}, {results['pairs']} pairs, mean ± std over "
+             f"{len(results['seeds'])} evaluation seeds (IR = img_r*, TR = txt_r*)", "", header,
+             "|---" * (len(METRICS) + 1) + "|"]
+    for name, metrics in results["methods"].items():
+        cells = [f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    notes = results.get("notes", {})
+    if "full" in notes:
+        full = notes["full"]
+        expert = f"; best expert r_mean {full['best_expert_r_mean']}" if "best_expert_r_mean" in full else ""
+        lines.append(f"\nfull: all real pairs, lr {full['best_lr']} at epoch {full['best_epoch']} of {full['epochs']} "
+                     f"(swept lrs {full['lrs']} on {full['selected_on']}){expert}")
+    for name, note in notes.items():
+        if name != "full":
+            lines.append(f"\n{name}: {note}")
+    return "\n".join(lines) + "\n"
