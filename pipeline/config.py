@@ -326,9 +326,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         cfg = _merge(cfg, _read_yaml(path), str(path))
     cfg = _merge(cfg, _parse_overrides(list(overrides)), "override")
     try:
-        config = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
+        config = OmegaConf.to_object(cfg)  # runs each section's __post_init__ (ConfigError passes through)
     except OmegaConfBaseException as exc:
         raise _friendly(exc, str(path or "config")) from exc
     if not config.run.name and path is not None:

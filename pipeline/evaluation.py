@@ -36,15 +36,16 @@ def _real_pairs(train, caption_idx: torch.Tensor, lr: float) -> PairSet:
                    None, lr, lr)
 
 
-def _coreset(method: str, train, n: int, seed: int) -> torch.Tensor:
-    """Caption indices of an n-pair coreset; pairs are (caption, its image) as in training."""
+def _coresets(method: str, train, n: int, seeds: list[int]) -> list[torch.Tensor]:
+    """Caption indices of an n-pair coreset per evaluation seed; pairs are (caption, its image) as in training.
+    Random draws a new set per seed, k-center a new first centre; herding is deterministic, so computed once."""
     if method == "random":
-        return random_coreset(train.text_features.shape[0], n, seed)
+        return [random_coreset(train.text_features.shape[0], n, seed) for seed in seeds]
     pair_features = torch.cat([F.normalize(train.image_features[train.caption_to_image], dim=-1),
                                F.normalize(train.text_features, dim=-1)], dim=1)
     if method == "herding":
-        return herding_coreset(pair_features, n)
-    return kcenter_coreset(pair_features, n, seed)
+        return [herding_coreset(pair_features, n)] * len(seeds)
+    return [kcenter_coreset(pair_features, n, seed) for seed in seeds]
 
 
 def full_bound(config: Config, train, evalset, device: torch.device) -> tuple[dict, dict]:
@@ -105,8 +106,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     for method in config.eval.methods:
         if method in ("random", "herding", "kcenter"):
             runs = []
-            for seed in seeds:  # random draws a new coreset per seed; herding/k-center are (nearly) fixed
-                pairs = _real_pairs(train, _coreset(method, train, n, seed).to(device), lr0)
+            for seed, caption_idx in zip(seeds, _coresets(method, train, n, seeds)):
+                pairs = _real_pairs(train, caption_idx.to(device), lr0)
                 runs.append(retrieval_of(train_heads(pairs, settings, seed, device), *eval_features, device))
             methods[method] = summarize(runs)
         elif method == "full":

@@ -41,7 +41,9 @@ def _git_commit() -> str | None:
                              cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def prepare_run_dir(config: Config, run_dir: str | Path | None, command: str) -> Path:

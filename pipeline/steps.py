@@ -87,17 +87,18 @@ def encode(config: Config, splits: list[str] | None = None) -> dict[str, Feature
     caches, todo = {}, []
     for split in splits:
         part = load_split(config, table, split)
-        cache = cache_location(config.cache.dir, default_root, split, identity, part.fingerprint())
-        if config.cache.overwrite or not check_cache(cache, identity, part.fingerprint()):
-            todo.append((split, part, cache))
+        fingerprint = part.fingerprint()  # stats every image file: compute once
+        cache = cache_location(config.cache.dir, default_root, split, identity, fingerprint)
+        if config.cache.overwrite or not check_cache(cache, identity, fingerprint):
+            todo.append((split, part, cache, fingerprint))
         else:
             log.info("encode %s: cache is up to date (%s), skipped", split, cache.tensors_path)
         caches[split] = cache
     if todo:
         image_encoder, text_encoder = build_encoders(config, device)
-        for split, part, cache in todo:
+        for split, part, cache, fingerprint in todo:
             start = time.perf_counter()
-            encode_split(part, split, cache, identity, image_encoder, text_encoder,
+            encode_split(part, split, cache, identity, image_encoder, text_encoder, fingerprint=fingerprint,
                          image_batch_size=config.encoders.image_batch_size,
                          text_batch_size=config.encoders.text_batch_size,
                          num_workers=config.encoders.num_workers, device=device,
@@ -189,7 +190,7 @@ def initial_pairs(train, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return image_idx, torch.tensor(caption_idx, dtype=torch.long)
 
 
-def _initial_pixels(config: Config, train, image_idx: torch.Tensor, image_encoder) -> torch.Tensor:
+def _initial_pixels(train, image_idx: torch.Tensor, image_encoder) -> torch.Tensor:
     from repblend.stages.ingest import load_image
 
     transform = image_encoder.preprocess.transform()
@@ -227,7 +228,7 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> P
     encoder = None
     if dc.space == "pixel":
         encoder, _ = build_encoders(config, device)
-        images = _initial_pixels(config, train, image_idx, encoder)
+        images = _initial_pixels(train, image_idx, encoder)
         if dc.pix_init == "noise":
             images = torch.randn(images.shape, generator=torch.Generator().manual_seed(config.run.seed))
     else:
@@ -248,12 +249,9 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / "checkpoint.pt"
     metrics_path = out_dir / "metrics.jsonl"
-    resumed_from = 0
-    if checkpoint.is_file():
-        distiller.load(checkpoint)
-        resumed_from = distiller.iteration
-        log.info("distill: resuming from iteration %d (%s)", resumed_from, checkpoint)
-    bar = tqdm(total=dc.iterations, initial=resumed_from, desc="distill", unit="it",
+    if distiller.resume(checkpoint):
+        log.info("distill: resuming from iteration %d (%s)", distiller.iteration, checkpoint)
+    bar = tqdm(total=dc.iterations, initial=distiller.iteration, desc="distill", unit="it",
                disable=None if config.run.progress else True)
     with metrics_path.open("a") as metrics:
         def on_step(step) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from repblend.stages.heads import DualHeads, HeadSpec
+from repblend.stages.heads import DualHeads, HeadSpec, heads_sgd
 from repblend.stages.io import write_json, write_tensors
 from repblend.stages.losses import clip_loss
 
@@ -58,10 +58,7 @@ def train_expert(image_features: torch.Tensor, text_features: torch.Tensor, capt
     img_spec.load_flat(heads.image, img_spec.init_flat(generator))
     txt_spec.load_flat(heads.text, txt_spec.init_flat(generator))
     heads.to(device).train()
-    optimizer = torch.optim.SGD(
-        [{"params": heads.image.parameters(), "lr": settings.lr_img},
-         {"params": heads.text.parameters(), "lr": settings.lr_txt}],
-        lr=settings.lr_img, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    optimizer = heads_sgd(heads, settings.lr_img, settings.lr_txt, settings.momentum, settings.weight_decay)
     img_all = image_features.to(device, torch.float32)
     txt_all = text_features.to(device, torch.float32)
     c2i = caption_to_image.to(device)

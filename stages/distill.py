@@ -158,11 +158,11 @@ def match_tesla(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec
     theta_img, theta_txt = start[0].clone(), start[1].clone()
     for batch in batches:
         thetas.append((theta_img, theta_txt))
-        with torch.enable_grad():
-            ti, tt = theta_img.requires_grad_(True), theta_txt.requires_grad_(True)
-            u, v, targets = _step_inputs(features.detach(), syn.texts.detach(), syn.sim, batch)
-            loss = student_loss(ti, tt, u, v, targets.detach(), *specs, settings)
-            g_img, g_txt = torch.autograd.grad(loss, (ti, tt))
+        with torch.no_grad():  # pass 1 needs gradients w.r.t. the student only
+            u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch)
+        ti, tt = theta_img.requires_grad_(True), theta_txt.requires_grad_(True)
+        loss = student_loss(ti, tt, u, v, targets, *specs, settings)
+        g_img, g_txt = torch.autograd.grad(loss, (ti, tt))
         sum_img += g_img
         sum_txt += g_txt
         theta_img, theta_txt = (ti - lr_img * g_img).detach(), (tt - lr_txt * g_txt).detach()

@@ -153,11 +153,16 @@ class Distiller:
         self.rng.bit_generator.state = state["rng"]
         self.iteration = state["iteration"]
 
+    def resume(self, checkpoint: Path) -> bool:
+        """Continue from `checkpoint` if it exists (a killed run restarts exactly where it saved)."""
+        if not checkpoint.is_file():
+            return False
+        self.load(checkpoint)
+        return True
+
     def run(self, iterations: int, checkpoint: Path | None = None, ckpt_every: int = 100,
             on_step: Callable[[StepLog], None] | None = None) -> None:
-        """Run until `iterations`, resuming from `checkpoint` if it exists, saving it every `ckpt_every`."""
-        if checkpoint is not None and checkpoint.is_file():
-            self.load(checkpoint)
+        """Run until `iterations`, saving `checkpoint` every `ckpt_every` and at the end."""
         while self.iteration < iterations:
             log = self.step()
             if on_step is not None:

@@ -172,7 +172,8 @@ def encode_images(encoder: ImageEncoder, paths: list[str], *, batch_size: int, n
 
 
 def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity: EncoderIdentity,
-                 image_encoder: ImageEncoder, text_encoder: TextEncoder, *, image_batch_size: int = 64,
+                 image_encoder: ImageEncoder, text_encoder: TextEncoder, *, fingerprint: str | None = None,
+                 image_batch_size: int = 64,
                  text_batch_size: int = 256, num_workers: int = 2, device: str | torch.device = "cpu",
                  on_error: str = "stop", progress: bool = True) -> FeatureCache:
     """Encode one split into `cache` (atomically: manifest written last, so a crash leaves no cache)."""
@@ -203,7 +204,7 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
         "image_encoder": {**identity.image, "feature_dim": image_encoder.feature_dim},
         "text_encoder": {**identity.text, "feature_dim": text_encoder.feature_dim},
         "dtype": identity.dtype,
-        "inputs_fingerprint": table.fingerprint(),
+        "inputs_fingerprint": fingerprint or table.fingerprint(),
         "skipped_images": len(records) - len(kept_records),
         "seconds": {"images": round(image_seconds, 2), "total": round(seconds, 2)},
         "image_ids": [r.image_id for r in kept_records],

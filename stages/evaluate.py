@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from repblend.stages.heads import DualHeads
+from repblend.stages.heads import DualHeads, heads_sgd
 from repblend.stages.losses import clip_loss, wbce_loss
 from repblend.stages.retrieval import retrieval_metrics
 
@@ -67,10 +67,7 @@ def train_heads(pairs: PairSet, settings: TrainSettings, seed: int, device: torc
     heads = DualHeads(pairs.images.shape[1], pairs.texts.shape[1], settings.embed_dim, settings.dropout).to(device)
     pairs = PairSet(pairs.images.to(device).float(), pairs.texts.to(device).float(),
                     None if pairs.targets is None else pairs.targets.to(device).float(), pairs.lr_img, pairs.lr_txt)
-    optimizer = torch.optim.SGD(
-        [{"params": heads.image.parameters(), "lr": pairs.lr_img},
-         {"params": heads.text.parameters(), "lr": pairs.lr_txt}],
-        lr=pairs.lr_img, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    optimizer = heads_sgd(heads, pairs.lr_img, pairs.lr_txt, settings.momentum, settings.weight_decay)
     if settings.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.epochs)
     else:

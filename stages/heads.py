@@ -49,6 +49,7 @@ __all__ = [
     "HeadSpec",
     "similarity_logits",
     "dropout_with_generator",
+    "heads_sgd",
 ]
 
 
@@ -87,6 +88,14 @@ class DualHeads(nn.Module):
 
     def forward(self, img_feats: Tensor, txt_feats: Tensor) -> tuple[Tensor, Tensor]:
         return F.normalize(self.image(img_feats), dim=-1), F.normalize(self.text(txt_feats), dim=-1)
+
+
+def heads_sgd(heads: "DualHeads", lr_img: float, lr_txt: float, momentum: float = 0.0,
+              weight_decay: float = 0.0) -> torch.optim.SGD:
+    """SGD with one lr per modality, as experts and the evaluation protocol both train the heads."""
+    return torch.optim.SGD([{"params": heads.image.parameters(), "lr": lr_img},
+                            {"params": heads.text.parameters(), "lr": lr_txt}],
+                           lr=lr_img, momentum=momentum, weight_decay=weight_decay)
 
 
 def similarity_logits(img_emb: Tensor, txt_emb: Tensor, temperature: Union[float, Tensor]) -> Tensor:

@@ -176,6 +176,7 @@ def test_resume_gives_the_same_set_as_an_uninterrupted_run(tmp_path):
     first = _tiny_distiller()
     first.run(5, checkpoint=ckpt, ckpt_every=5)
     resumed = _tiny_distiller()  # a fresh process would build exactly this, then find the checkpoint
+    assert resumed.resume(ckpt) and resumed.iteration == 5
     resumed.run(8, checkpoint=ckpt, ckpt_every=5)
     assert resumed.iteration == 8
     for name, tensor in straight.syn.state_dict().items():
