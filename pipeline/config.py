@@ -128,6 +128,7 @@ class BufferConfig:
     weight_decay: float = 0.0
     batch_size: int = 128
     save_all_epochs: bool = False  # False: only epochs 0..max_start_epoch+expert_epochs are kept
+    dir: str = ""  # "" = <run dir>/buffer; a path = a buffer shared by several runs (built there if missing)
 
     def __post_init__(self) -> None:
         for key in ("num_experts", "train_epochs", "batch_size"):
@@ -177,7 +178,7 @@ class DistillConfig:
     grad_mode: str = "unroll"  # unroll (exact; faster here) | tesla (the references' constant-memory two passes)
     pix_init: str = "real"  # real | noise
     ckpt_every: int = 100
-    eval_every: int = 0  # 0 = only at the end
+    eval_every: int = 0  # log eval-split recall of the current set every N iterations (1 seed; never selects)
 
     def __post_init__(self) -> None:
         _choice("distill.mode", self.mode, ("repblend", "lors"))
@@ -191,7 +192,7 @@ class DistillConfig:
         for key in ("num_queries", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
                     "mini_batch_size", "sim_rank", "ckpt_every"):
             _positive(f"distill.{key}", getattr(self, key))
-        for key in ("lr_img", "lr_txt", "lr_lr", "lr_sim", "lr_teacher"):
+        for key in ("lr_img", "lr_txt", "lr_lr", "lr_sim", "lr_teacher", "eval_every"):
             _positive(f"distill.{key}", getattr(self, key), allow_zero=True)
         if self.sim_rank > self.num_queries:
             raise ConfigError(f"distill.sim_rank={self.sim_rank} exceeds distill.num_queries={self.num_queries}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from repblend.pipeline.config import Config
-from repblend.pipeline.steps import load_features, resolve_device
+from repblend.pipeline.steps import buffer_dir_of, load_features, resolve_device
 from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
 from repblend.stages.encode import FeatureCache
 from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, retrieval_of, summarize,
@@ -70,8 +70,8 @@ def full_bound(config: Config, train, evalset, device: torch.device) -> tuple[di
     return summarize(runs), info
 
 
-def _best_expert(run_dir: Path) -> dict | None:
-    index = run_dir / "buffer" / "index.json"
+def _best_expert(buffer_dir: Path) -> dict | None:
+    index = buffer_dir / "index.json"
     if not index.is_file():
         return None
     experts = [e for e in json.loads(index.read_text())["experts"] if "eval_recall" in e]
@@ -112,7 +112,7 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
             methods[method] = summarize(runs)
         elif method == "full":
             methods["full"], notes["full"] = full_bound(config, train, evalset, device)
-            expert = _best_expert(run_dir)
+            expert = _best_expert(buffer_dir_of(config, run_dir))
             if expert is not None:
                 notes["full"]["best_expert_r_mean"] = round(expert["r_mean"], 2)
                 if methods["full"]["r_mean"]["mean"] < expert["r_mean"]:

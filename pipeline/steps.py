@@ -7,6 +7,7 @@ maps config keys onto stage arguments, so the CLI and the Ray glue share one tra
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,7 +18,6 @@ from repblend.pipeline.config import Config
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
 from repblend.stages.errors import ConfigError, StageNotImplementedError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
-from repblend.stages.wds import read_webdataset
 
 log = logging.getLogger("repblend")
 
@@ -46,6 +46,8 @@ def load_table(config: Config) -> CaptionTable:
         json_path = Path(data.annotations)
         json_path = json_path if json_path.is_absolute() else root / json_path
         return read_karpathy(json_path, root / data.images, on_error=data.on_error)
+    from repblend.stages.wds import read_webdataset  # webdataset is only needed for shards
+
     return read_webdataset(str(root), on_error=data.on_error)
 
 
@@ -67,14 +69,22 @@ def encoder_identity(config: Config) -> EncoderIdentity:
 
 
 def build_encoders(config: Config, device: torch.device):
-    from repblend.stages.encoders import build_image_encoder, build_text_encoder
+    from repblend.stages.encoders import build_text_encoder
 
     enc = config.encoders
-    torch.manual_seed(config.run.seed)  # "random"/"tiny" encoders must be the same in every run
-    image = build_image_encoder(enc.image.name, weights=enc.image.weights, image_size=enc.image.image_size)
+    image = build_image_encoder(config, device)  # seeds first: "random"/"tiny" encoders are the same every run
     text = build_text_encoder(enc.text.name, weights=enc.text.weights, pooling=enc.text.pooling,
                               max_length=enc.text.max_length)
-    return image.to(device), text.to(device)
+    return image, text.to(device)
+
+
+def build_image_encoder(config: Config, device: torch.device):
+    """The image encoder alone: pixel-space distillation needs no text encoder once features are cached."""
+    from repblend.stages.encoders import build_image_encoder as build
+
+    enc = config.encoders.image
+    torch.manual_seed(config.run.seed)
+    return build(enc.name, weights=enc.weights, image_size=enc.image_size).to(device)
 
 
 def encode(config: Config, splits: list[str] | None = None) -> dict[str, FeatureCache]:
@@ -137,6 +147,32 @@ def expert_settings(config: Config) -> "ExpertSettings":
                           batch_size=config.buffer.batch_size, keep_epochs=keep)
 
 
+def buffer_dir_of(config: Config, run_dir: Path) -> Path:
+    return Path(config.buffer.dir).expanduser() if config.buffer.dir else run_dir / "buffer"
+
+
+def _buffer_identity(config: Config, caches: dict[str, FeatureCache]) -> dict:
+    """What the experts depend on; a buffer built under another identity must not be mixed with this one."""
+    settings = dataclasses.asdict(expert_settings(config))
+    settings.pop("keep_epochs")  # checked per expert: a buffer keeping more epochs serves this run too
+    fingerprint = caches[config.data.train_split].manifest()["inputs_fingerprint"]
+    return {"settings": settings, "seed": config.run.seed, "features": encoder_identity(config).key(fingerprint)}
+
+
+def _check_buffer_identity(buffer_dir: Path, identity: dict) -> None:
+    index_path = buffer_dir / "index.json"
+    if not index_path.is_file():
+        return
+    recorded = json.loads(index_path.read_text()).get("identity")
+    if recorded is not None and recorded != identity:
+        keys = sorted(k for k in identity if recorded.get(k) != identity[k])
+        if "settings" in keys:
+            keys = ["settings." + k for k in sorted(identity["settings"])
+                    if recorded.get("settings", {}).get(k) != identity["settings"][k]]
+        raise ConfigError(f"{buffer_dir} holds experts built with different {', '.join(keys)}: point buffer.dir "
+                          "at another folder, or delete this one to rebuild it")
+
+
 def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
     """Train the experts (skipping those already on disk) and report each one's eval recall."""
     from tqdm import tqdm
@@ -147,10 +183,12 @@ def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
 
     device = resolve_device(config.run.device)
     settings = expert_settings(config)
+    buffer_dir = buffer_dir_of(config, run_dir)
+    identity = _buffer_identity(config, caches)
+    _check_buffer_identity(buffer_dir, identity)
     train = load_features(caches, config.data.train_split, device)
     evalset = load_features(caches, config.data.eval_split, device)
     dims = (train.image_features.shape[1], train.text_features.shape[1])
-    buffer_dir = run_dir / "buffer"
     experts = []
     bar = tqdm(range(config.buffer.num_experts), desc="buffer experts", unit="expert",
                disable=None if config.run.progress else True)
@@ -172,7 +210,7 @@ def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
             log.info("expert %d (seed %d): epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k, seed, last,
                      config.data.eval_split, recall["r_mean"], recall["img_r10"], recall["txt_r10"])
         experts.append({"path": path.name, **trajectory_meta(path)})
-    write_index(buffer_dir, {"experts": experts, "settings": dataclasses.asdict(settings)})
+    write_index(buffer_dir, {"experts": experts, "identity": identity, "settings": dataclasses.asdict(settings)})
     return buffer_dir
 
 
@@ -190,18 +228,24 @@ def initial_pairs(train, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return image_idx, torch.tensor(caption_idx, dtype=torch.long)
 
 
-def _initial_pixels(train, image_idx: torch.Tensor, image_encoder) -> torch.Tensor:
+def _initial_pixels(config: Config, train, image_idx: torch.Tensor, image_encoder) -> torch.Tensor:
+    """Pixels of the chosen training images, found by image id in the dataset as it is now: the cache may
+    have been built on another machine, where the images lived elsewhere."""
+    from repblend.stages.errors import DataError
     from repblend.stages.ingest import load_image
 
+    current = {r.image_id: r.path for r in load_table(config).split(config.data.train_split).records}
+    ids = [train.image_ids[i] for i in image_idx.tolist()]
+    missing = [i for i in ids if i not in current]
+    if missing:
+        raise DataError(f"{config.data.root}: {len(missing)} image(s) of the feature cache are not in split "
+                        f"'{config.data.train_split}' (first: {missing[0]}); the cache was built from other data")
     transform = image_encoder.preprocess.transform()
-    paths = [train.manifest["image_paths"][i] for i in image_idx.tolist()]
-    return torch.stack([transform(load_image(p)) for p in paths])
+    return torch.stack([transform(load_image(current[i])) for i in ids])
 
 
 def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
     """Distil the synthetic set (resuming from the run's checkpoint) and save it as safetensors."""
-    import json
-
     from tqdm import tqdm
 
     from repblend.stages.buffer import head_specs, load_trajectory
@@ -221,14 +265,14 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> P
         return path
     device = resolve_device(config.run.device)
     train = load_features(caches, config.data.train_split, device)
-    buffer_dir = run_dir / "buffer"
+    buffer_dir = buffer_dir_of(config, run_dir)
     index = json.loads((buffer_dir / "index.json").read_text())
     trajectories = [load_trajectory(buffer_dir / e["path"]) for e in index["experts"]]
     image_idx, caption_idx = initial_pairs(train, dc.num_queries, config.run.seed)
     encoder = None
     if dc.space == "pixel":
-        encoder, _ = build_encoders(config, device)
-        images = _initial_pixels(train, image_idx, encoder)
+        encoder = build_image_encoder(config, device)
+        images = _initial_pixels(config, train, image_idx, encoder)
         if dc.pix_init == "noise":
             images = torch.randn(images.shape, generator=torch.Generator().manual_seed(config.run.seed))
     else:
@@ -253,17 +297,24 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> P
         log.info("distill: resuming from iteration %d (%s)", distiller.iteration, checkpoint)
     bar = tqdm(total=dc.iterations, initial=distiller.iteration, desc="distill", unit="it",
                disable=None if config.run.progress else True)
+    probe = _eval_probe(config, caches, encoder, device) if dc.eval_every else None
     with metrics_path.open("a") as metrics:
         def on_step(step) -> None:
-            metrics.write(json.dumps(step.__dict__) + "\n")
+            record = dict(step.__dict__)
+            if probe is not None and step.iteration % dc.eval_every == 0:
+                record["eval"] = probe(distiller.syn)
+                log.info("distill it %d: %s img_r10 %.2f txt_r10 %.2f r_mean %.2f (1 seed, not used for selection)",
+                         step.iteration, config.data.eval_split, record["eval"]["img_r10"],
+                         record["eval"]["txt_r10"], record["eval"]["r_mean"])
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{step.loss:.4f}", lr_img=f"{step.syn_lr_img:.4f}")
 
         distiller.run(dc.iterations, checkpoint=checkpoint, ckpt_every=dc.ckpt_every, on_step=on_step)
     bar.close()
     syn = distiller.syn
-    with torch.inference_mode():
-        features = syn.images.clone() if encoder is None else encoder(syn.images)
+    features = _image_features(syn, encoder)
     tensors = {"images": syn.images, "image_features": features.float(), "texts": syn.texts,
                "similarity": syn.sim.full().detach(), "syn_lr_img": syn.syn_lr_img.detach().reshape(1),
                "syn_lr_txt": syn.syn_lr_txt.detach().reshape(1), "init_image_index": image_idx,
@@ -272,6 +323,30 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> P
             "image_encoder": config.encoders.image.name, "text_encoder": config.encoders.text.name}
     write_tensors(path, tensors, metadata=meta)
     return path
+
+
+def _image_features(syn, encoder) -> torch.Tensor:
+    """The synthetic image side in feature space, as evaluation will see it."""
+    with torch.inference_mode():
+        return (syn.images.clone() if encoder is None else encoder(syn.images)).float()
+
+
+def _eval_probe(config: Config, caches: dict[str, FeatureCache], encoder, device: torch.device):
+    """Eval-split recall of the set as it stands (one seed): a learning curve to watch, never a selector."""
+    from repblend.pipeline.evaluation import eval_seeds, train_settings
+    from repblend.stages.evaluate import PairSet, evaluate_pairs
+
+    evalset = load_features(caches, config.data.eval_split, device)
+    eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
+    settings, seed = train_settings(config), eval_seeds(config)[:1]
+
+    def probe(syn) -> dict:
+        pairs = PairSet(_image_features(syn, encoder), syn.texts.detach(), syn.sim.full().detach(),
+                        float(syn.syn_lr_img.detach()), float(syn.syn_lr_txt.detach()))
+        result = evaluate_pairs(pairs, settings, eval_features, seed, device)
+        return {k: round(v["mean"], 2) for k, v in result.items()}
+
+    return probe
 
 
 def _saved_iterations(path: Path) -> int:

@@ -108,9 +108,11 @@ def student_loss(theta_img: torch.Tensor, theta_txt: torch.Tensor, u: torch.Tens
 
 @dataclass
 class MatchResult:
-    loss: float
-    loss_img: float
-    loss_txt: float
+    """Detached 0-d tensors: read together once per iteration, so the GPU is synchronised once."""
+
+    loss: torch.Tensor
+    loss_img: torch.Tensor
+    loss_txt: torch.Tensor
 
 
 def _step_inputs(features: torch.Tensor, texts: torch.Tensor, sim: nn.Module, batch: StudentBatch):
@@ -144,7 +146,7 @@ def match_unrolled(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadS
         theta_txt = theta_txt - syn.syn_lr_txt * g_txt
     total, l_img, l_txt = _matching(theta_img, theta_txt, start, target, settings)
     total.backward()
-    return MatchResult(total.item(), l_img.item(), l_txt.item())
+    return MatchResult(total.detach(), l_img.detach(), l_txt.detach())
 
 
 def match_tesla(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec, HeadSpec],
@@ -186,4 +188,4 @@ def match_tesla(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec
             surrogate = 2 * (v_img * g_img).sum() / d_img + 2 * (v_txt * g_txt).sum() / d_txt
         surrogate.backward()
     total, l_img, l_txt = _matching(final_img.detach(), final_txt.detach(), start, target, settings)
-    return MatchResult(total.item(), l_img.item(), l_txt.item())
+    return MatchResult(total, l_img, l_txt)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from repblend.stages.buffer import Trajectory
-from repblend.stages.distill import (DistillSettings, MatchResult, SyntheticSet, match_tesla, match_unrolled,
-                                     sample_batches)
+from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, match_tesla,
+                                     match_unrolled, sample_batches)
 from repblend.stages.errors import RepblendError
 from repblend.stages.heads import HeadSpec
 from repblend.stages.io import atomic_path
@@ -90,12 +90,20 @@ class Distiller:
                 raise RepblendError(f"expert {k} lacks snapshots {missing} needed by max_start_epoch="
                                     f"{self.settings.max_start_epoch} and expert_epochs={self.settings.expert_epochs}")
 
-    def _features(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The image side as a leaf in feature space (plus the encoder output to push its grad through)."""
+    def _features(self, batches: list[StudentBatch]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The image side as a leaf in feature space, plus what carries its gradient back to the pixels.
+
+        In pixel mode only the images this iteration's batches touch go through the encoder (at 499 pairs,
+        8 batches of 20 use at most 160): rows left at zero are never read, so they get no gradient either.
+        """
         if self.image_encoder is None:
-            return self.syn.images, None
-        encoded = self.image_encoder(self.syn.images)
-        return encoded.detach().float().requires_grad_(True), encoded
+            return self.syn.images, None, None
+        used = torch.unique(torch.cat([b.idx for b in batches])).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            encoded = self.image_encoder(self.syn.images[used])
+        features = encoded.new_zeros((self.syn.num_pairs, encoded.shape[1]), dtype=self.syn.texts.dtype)
+        features[used] = encoded.detach().to(features.dtype)
+        return features.requires_grad_(True), encoded, used
 
     def step(self) -> StepLog:
         start_time = time.perf_counter()
@@ -107,27 +115,32 @@ class Distiller:
         target = (traj.image[end], traj.text[end])
         batches = sample_batches(self.syn.num_pairs, self.settings, self.rng)
         self.optimizer.zero_grad(set_to_none=True)
-        features, encoded = self._features()
+        features, encoded, used = self._features(batches)
         match = match_unrolled if self.settings.grad_mode == "unroll" else match_tesla
         result: MatchResult = match(features, self.syn, self.specs, start, target, batches, self.settings)
         if encoded is not None:
-            encoded.backward(features.grad.to(encoded.dtype))
+            encoded.backward(features.grad[used].to(encoded.dtype))
         self.optimizer.step()
         if self.outer.lr_floor > 0:
             with torch.no_grad():
                 self.syn.syn_lr_img.clamp_(min=self.outer.lr_floor)
                 self.syn.syn_lr_txt.clamp_(min=self.outer.lr_floor)
         self.iteration += 1
-        self._check(result)  # before any checkpoint of this state is written
-        return StepLog(self.iteration, result.loss, result.loss_img, result.loss_txt, self.syn.syn_lr_img.item(),
-                       self.syn.syn_lr_txt.item(), time.perf_counter() - start_time, expert, start_epoch)
+        # the iteration's only host synchronisation: every logged number in one transfer
+        loss, loss_img, loss_txt, lr_img, lr_txt = torch.stack(
+            [result.loss, result.loss_img, result.loss_txt, self.syn.syn_lr_img.detach(),
+             self.syn.syn_lr_txt.detach()]).tolist()
+        log = StepLog(self.iteration, loss, loss_img, loss_txt, lr_img, lr_txt, time.perf_counter() - start_time,
+                      expert, start_epoch)
+        self._check(log)  # before any checkpoint of this state is written
+        return log
 
-    def _check(self, result: MatchResult) -> None:
-        if not math.isfinite(result.loss):
+    def _check(self, log: StepLog) -> None:
+        if not math.isfinite(log.loss):
             raise DivergenceError(f"distillation diverged at iteration {self.iteration}: matching loss "
-                                  f"{result.loss}; the last good checkpoint is kept (try lower distill.lr_*)")
+                                  f"{log.loss}; the last good checkpoint is kept (try lower distill.lr_*)")
         for name in ("syn_lr_img", "syn_lr_txt"):
-            value = getattr(self.syn, name).item()
+            value = getattr(log, name)
             if not value > 0:
                 raise DivergenceError(f"distillation diverged at iteration {self.iteration}: learned {name}={value}"
                                       " <= 0; the last good checkpoint is kept (try a lower distill.lr_lr)")

@@ -47,7 +47,7 @@ def _loss_at(syn, start, target, batches, settings, name, index, delta):
     with torch.no_grad():
         tensor.view(-1)[index] += delta
     features = syn.images.detach().clone().requires_grad_(True)
-    return match_unrolled(features, syn, SPECS, start, target, batches, settings).loss
+    return match_unrolled(features, syn, SPECS, start, target, batches, settings).loss.item()
 
 
 @pytest.mark.parametrize("blend", [True, False])
@@ -69,7 +69,7 @@ def test_tesla_equals_unrolled_for_one_student_step(merge):
     syn, start, target, batches, settings = _problem(syn_steps=1, merge_loss_branches=merge)
     exact_result, exact = _grads(match_unrolled, syn, start, target, batches, settings)
     tesla_result, tesla = _grads(match_tesla, syn, start, target, batches, settings)
-    assert tesla_result.loss == pytest.approx(exact_result.loss, rel=1e-12)
+    assert tesla_result.loss.item() == pytest.approx(exact_result.loss.item(), rel=1e-12)
     for name in ("features", "texts", "R", "a"):
         torch.testing.assert_close(tesla[name], exact[name], rtol=1e-9, atol=1e-12)
     if not merge:  # learned-lr gradients: each modality normalised separately in both forms

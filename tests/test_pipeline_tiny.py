@@ -18,6 +18,8 @@ TINY = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.i
         "distill.iterations=4", "distill.ckpt_every=2", "distill.lr_floor=0.001", "eval.num_eval=2",
         "eval.epochs=5", "eval.full_epochs=2"]
 
+SMALL_LRS = ["distill.lr_img=0.1", "distill.lr_txt=0.1", "distill.lr_sim=0.01", "distill.lr_lr=1e-4"]
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
@@ -27,7 +29,7 @@ def toy(tmp_path_factory):
 @pytest.mark.parametrize("space", ["feature", "pixel"])
 def test_chain_writes_a_synthetic_set(toy, tmp_path, space):
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", f"distill.space={space}",
-                                "distill.lr_img=0.1", "distill.lr_txt=0.1", "distill.lr_sim=0.01", "distill.lr_lr=1e-4", *TINY])
+                                *SMALL_LRS, *TINY])
     caches = steps.encode(config)
     steps.buffer(config, tmp_path, caches)
     index = json.loads((tmp_path / "buffer" / "index.json").read_text())
@@ -65,3 +67,47 @@ def test_buffer_retrains_experts_that_lack_needed_snapshots(toy, tmp_path):
     longer = load_config(None, [*base, "distill.max_start_epoch=2"])
     steps.buffer(longer, tmp_path, caches)
     assert json.loads((tmp_path / "buffer/index.json").read_text())["experts"][0]["epochs"] == [0, 1, 2, 3]
+
+
+def test_shared_buffer_serves_two_runs_and_refuses_other_settings(toy, tmp_path):
+    shared = tmp_path / "shared_buffer"
+    base = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, f"buffer.dir={shared}"]
+    config = load_config(None, base)
+    caches = steps.encode(config)
+    assert steps.buffer(config, tmp_path / "run_a", caches) == shared
+    before = {p.name: p.stat().st_mtime_ns for p in shared.glob("expert_*.safetensors")}
+    steps.buffer(config, tmp_path / "run_b", caches)  # a second run reuses the experts as they are
+    assert {p.name: p.stat().st_mtime_ns for p in shared.glob("expert_*.safetensors")} == before
+    assert not (tmp_path / "run_a" / "buffer").exists()
+    other = load_config(None, [*base, "buffer.lr_teacher_img=0.05"])
+    with pytest.raises(ConfigError, match=r"shared_buffer holds experts built with different settings.lr_img"):
+        steps.buffer(other, tmp_path / "run_c", caches)
+
+
+def test_eval_every_logs_a_learning_curve(toy, tmp_path):
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature",
+                                *TINY, *SMALL_LRS, "distill.eval_every=2"])
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    steps.distill(config, tmp_path, caches)
+    records = [json.loads(line) for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "eval" in r] == [2, 4]
+    assert set(records[1]["eval"]) == {"img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean"}
+    assert 0 <= records[1]["eval"]["img_r10"] <= 100
+
+
+def test_pixel_init_reads_images_where_the_dataset_is_now(toy, tmp_path):
+    """A cache built elsewhere (another machine, another mount) still initialises pixels from this data root."""
+    import shutil
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    shutil.copytree(toy, first)
+    opts = [f"cache.dir={tmp_path / 'cache'}", "distill.space=pixel", *TINY, *SMALL_LRS]
+    steps.encode(load_config(None, [f"data.root={first}", *opts]))
+    shutil.move(first, moved)  # the images the cache was built from are no longer where it says
+    config = load_config(None, [f"data.root={moved}", *opts])
+    caches = steps.encode(config)  # same content: reused, and its manifest still names the old paths
+    assert caches["train"].manifest()["image_paths"][0].startswith(str(first))
+    steps.buffer(config, tmp_path, caches)
+    syn = load_file(str(steps.distill(config, tmp_path, caches)))
+    assert syn["images"].shape == (8, 3, 32, 32)
