@@ -91,7 +91,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     steps.check_budget(config, caches)
     # each command builds what it needs and is missing; finished work (cache, experts, checkpoints) is reused
     if args.command in ("buffer", "distill", "run"):
-        mark_stage_done(run_dir, "buffer", {"dir": str(steps.buffer(config, run_dir, caches))})
+        run_experts = None
+        if config.ray.enabled:
+            from repblend.distributed.buffer import expert_runner
+
+            run_experts = expert_runner(config, steps.buffer_dir_of(config, run_dir), caches)
+        mark_stage_done(run_dir, "buffer", {"dir": str(steps.buffer(config, run_dir, caches, run_experts))})
     if args.command in ("distill", "run"):
         mark_stage_done(run_dir, "distill", {"synthetic": str(steps.distill(config, run_dir, caches))})
     if args.command in ("eval", "run"):

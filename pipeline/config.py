@@ -226,10 +226,20 @@ class EvalConfig:
 
 @dataclass
 class RayConfig:
+    enabled: bool = True  # False: every stage runs in this process, no Ray started
     address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:port" attaches to a cluster
     num_cpus: int = 0  # 0 = let Ray decide (embedded only)
     num_gpus: int = 0
     workers: int = 0  # Ray Train workers for distillation; 0 = in-process
+    expert_cpus: float = 1.0  # resources of one expert task (heads on cached features: small)
+    expert_gpus: float = 0.25  # used when the cluster has GPUs: several experts share one
+    max_retries: int = 3  # an expert task whose worker dies is rerun this many times
+
+    def __post_init__(self) -> None:
+        _positive("ray.expert_cpus", self.expert_cpus)
+        _positive("ray.expert_gpus", self.expert_gpus, allow_zero=True)
+        for key in ("num_cpus", "num_gpus", "workers", "max_retries"):
+            _positive(f"ray.{key}", getattr(self, key), allow_zero=True)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -128,8 +129,18 @@ def check_budget(config: Config, caches: dict[str, FeatureCache]) -> None:
 
 # buffer ---------------------------------------------------------------------------------------------------
 
+_LOADED: dict[tuple, object] = {}
+
+
 def load_features(caches: dict[str, FeatureCache], split: str, device: torch.device):
-    return caches[split].load(dtype=torch.float32, device=device)
+    """Cached features as float32 on `device`; kept per process, since every expert of a buffer reads them."""
+    cache = caches[split]
+    key = (str(cache.tensors_path), cache.tensors_path.stat().st_mtime_ns, str(device))
+    if key not in _LOADED:
+        if len(_LOADED) >= 4:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = cache.load(dtype=torch.float32, device=device)
+    return _LOADED[key]
 
 
 def expert_settings(config: Config) -> "ExpertSettings":
@@ -173,44 +184,64 @@ def _check_buffer_identity(buffer_dir: Path, identity: dict) -> None:
                           "at another folder, or delete this one to rebuild it")
 
 
-def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
-    """Train the experts (skipping those already on disk) and report each one's eval recall."""
-    from tqdm import tqdm
+def missing_experts(config: Config, buffer_dir: Path) -> list[int]:
+    """Experts not on disk yet, or on disk without the snapshots this config needs (those are deleted)."""
+    from repblend.stages.buffer import expert_path, trajectory_meta
 
-    from repblend.stages.buffer import (expert_path, heads_at, save_trajectory, train_expert, trajectory_meta,
-                                        write_index)
-    from repblend.stages.evaluate import retrieval_of
-
-    device = resolve_device(config.run.device)
     settings = expert_settings(config)
-    buffer_dir = buffer_dir_of(config, run_dir)
-    identity = _buffer_identity(config, caches)
-    _check_buffer_identity(buffer_dir, identity)
-    train = load_features(caches, config.data.train_split, device)
-    evalset = load_features(caches, config.data.eval_split, device)
-    dims = (train.image_features.shape[1], train.text_features.shape[1])
-    experts = []
-    bar = tqdm(range(config.buffer.num_experts), desc="buffer experts", unit="expert",
-               disable=None if config.run.progress else True)
-    for k in bar:
+    needed = set(settings.keep_epochs or range(settings.epochs + 1))
+    todo = []
+    for k in range(config.buffer.num_experts):
         path = expert_path(buffer_dir, k)
-        seed = config.run.seed * 10_000 + k
-        needed = set(settings.keep_epochs or range(settings.epochs + 1))
         if path.is_file() and not needed <= set(trajectory_meta(path).get("epochs", [])):
             log.info("expert %d: %s lacks snapshots this config needs; retraining it", k, path)
             path.unlink()
         if not path.is_file():  # experts already on disk are kept: a killed buffer resumes where it stopped
-            traj = train_expert(train.image_features, train.text_features, train.caption_to_image, settings, seed,
-                                device)
-            last = max(traj.image)
-            heads = heads_at(traj, last, settings, *dims).to(device)
-            recall = retrieval_of(heads, evalset.image_features, evalset.text_features, evalset.caption_to_image,
-                                  device)
-            save_trajectory(path, traj, {"seed": seed, "epochs": sorted(traj.image), "eval_recall": recall})
-            log.info("expert %d (seed %d): epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k, seed, last,
-                     config.data.eval_split, recall["r_mean"], recall["img_r10"], recall["txt_r10"])
-        experts.append({"path": path.name, **trajectory_meta(path)})
-    write_index(buffer_dir, {"experts": experts, "identity": identity, "settings": dataclasses.asdict(settings)})
+            todo.append(k)
+    return todo
+
+
+def train_expert_file(config: Config, buffer_dir: Path, k: int, caches: dict[str, FeatureCache]) -> Path:
+    """Train expert k, measure its eval recall and save it; one unit of work for a process or a Ray task."""
+    from repblend.stages.buffer import expert_path, heads_at, save_trajectory, train_expert
+    from repblend.stages.evaluate import retrieval_of
+
+    device = resolve_device(config.run.device)
+    settings = expert_settings(config)
+    train = load_features(caches, config.data.train_split, device)
+    evalset = load_features(caches, config.data.eval_split, device)
+    seed = config.run.seed * 10_000 + k
+    traj = train_expert(train.image_features, train.text_features, train.caption_to_image, settings, seed, device)
+    last = max(traj.image)
+    heads = heads_at(traj, last, settings, train.image_features.shape[1], train.text_features.shape[1]).to(device)
+    recall = retrieval_of(heads, evalset.image_features, evalset.text_features, evalset.caption_to_image, device)
+    path = expert_path(buffer_dir, k)
+    save_trajectory(path, traj, {"seed": seed, "epochs": sorted(traj.image), "eval_recall": recall})
+    log.info("expert %d (seed %d): epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k, seed, last,
+             config.data.eval_split, recall["r_mean"], recall["img_r10"], recall["txt_r10"])
+    return path
+
+
+def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache],
+           run_experts: Callable[[list[int]], None] | None = None) -> Path:
+    """Train the missing experts (in this process, or through `run_experts`, e.g. Ray tasks) and index them."""
+    from tqdm import tqdm
+
+    from repblend.stages.buffer import expert_path, trajectory_meta, write_index
+
+    buffer_dir = buffer_dir_of(config, run_dir)
+    identity = _buffer_identity(config, caches)
+    _check_buffer_identity(buffer_dir, identity)
+    todo = missing_experts(config, buffer_dir)
+    if run_experts is not None and todo:
+        run_experts(todo)
+    else:
+        for k in tqdm(todo, desc="buffer experts", unit="expert", disable=None if config.run.progress else True):
+            train_expert_file(config, buffer_dir, k, caches)
+    experts = [{"path": expert_path(buffer_dir, k).name, **trajectory_meta(expert_path(buffer_dir, k))}
+               for k in range(config.buffer.num_experts)]
+    write_index(buffer_dir, {"experts": experts, "identity": identity,
+                             "settings": dataclasses.asdict(expert_settings(config))})
     return buffer_dir
 
 

@@ -21,3 +21,18 @@ def flickr8k_dir() -> Path:
     if not (root / "Flickr8k.token.txt").is_file():
         pytest.skip(f"real Flickr8k data not found at {root} (set REPBLEND_FLICKR8K)")
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for the whole test session (a start costs seconds on 2 cores); never a stranger's cluster."""
+    import ray
+
+    from repblend.distributed.cluster import ensure_ray
+    from repblend.pipeline.config import RayConfig
+
+    if ray.is_initialized():
+        ray.shutdown()
+    resources = ensure_ray(RayConfig(num_cpus=2))
+    yield resources
+    ray.shutdown()

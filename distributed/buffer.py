@@ -1,0 +1,66 @@
+"""Experts as Ray tasks: independent, so they spread over every CPU/GPU; a task whose worker dies is rerun.
+
+Each task trains one expert through the same stage function as the local path and writes its file; only the
+path travels back. Features are read from the cache files by each worker (once per worker process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+from repblend.distributed.cluster import ensure_ray
+from repblend.pipeline import steps
+from repblend.pipeline.config import Config
+from repblend.stages.encode import FeatureCache
+
+log = logging.getLogger("repblend")
+
+FAULT_ENV = "REPBLEND_FAULT_EXPERT"  # "k:marker": expert k's first attempt kills its worker (fault-injection tests)
+
+
+def _inject_fault(k: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    target, marker = spec.split(":", 1)
+    if int(target) == k and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)  # a dead worker, not an exception: what a preempted node or OOM kill looks like
+
+
+@ray.remote
+def _expert_task(config: Config, buffer_dir: str, k: int, caches: dict[str, FeatureCache]) -> str:
+    import torch
+
+    if not logging.getLogger().handlers:  # worker processes start without the driver's logging setup
+        logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s",
+                            datefmt="%H:%M:%S")
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    _inject_fault(k)
+    return str(steps.train_expert_file(config, Path(buffer_dir), k, caches))
+
+
+def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCache]):
+    """A `run_experts` callable for `steps.buffer` that trains the given experts as Ray tasks."""
+
+    def run(todo: list[int]) -> None:
+        ensure_ray(config.ray)  # started only when there is work: a complete buffer costs no Ray start
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        options = {"num_cpus": config.ray.expert_cpus, "num_gpus": config.ray.expert_gpus if has_gpus else 0,
+                   "max_retries": config.ray.max_retries}
+        if os.environ.get(FAULT_ENV):
+            options["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
+        pending = {_expert_task.options(**options).remote(config, str(buffer_dir), k, caches): k for k in todo}
+        done = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            k = pending.pop(ready[0])
+            ray.get(ready[0])  # raises if the task failed after all retries
+            done += 1
+            log.info("buffer: expert %d done (%d/%d)", k, done, len(todo))
+
+    return run
