@@ -78,8 +78,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     run_dir = prepare_run_dir(config, args.run_dir, args.command)
     log.info("run directory: %s", run_dir)
-    if args.command in ("tune", "export"):
-        raise StageNotImplementedError(f"repblend {args.command}: the {args.command} stage is not implemented yet")
+    if args.command == "export":
+        raise StageNotImplementedError("repblend export: the export stage is not implemented yet")
+    if args.command == "tune":
+        from repblend.distributed.tune import run_tune
+
+        run_tune(config, run_dir)
+        print((run_dir / "tune_results.md").read_text(), end="")
+        return 0
     caches = steps.encode(config)
     mark_stage_done(run_dir, "encode", {split: str(c.tensors_path) for split, c in caches.items()})
     if args.command == "encode":

@@ -43,7 +43,9 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "dev"  # the split results are reported on
     max_train_images: int = 0  # 0 = all; otherwise a seeded subset (CPU configs)
-    max_eval_images: int = 0
+    max_eval_images: int = 0  # also caps the validation split
+    val_split: str = "val"  # split that selects models (Tune); never the reported eval_split
+    val_images: int = 0  # > 0: hold out this many seeded training images as val_split (data without a val split)
     on_error: str = "stop"  # stop | skip (skip bad items with a warning)
 
     def __post_init__(self) -> None:
@@ -51,6 +53,10 @@ class DataConfig:
         _choice("data.on_error", self.on_error, ("stop", "skip"))
         _positive("data.max_train_images", self.max_train_images, allow_zero=True)
         _positive("data.max_eval_images", self.max_eval_images, allow_zero=True)
+        _positive("data.val_images", self.val_images, allow_zero=True)
+        if self.val_split in (self.train_split, self.eval_split):
+            raise ConfigError(f"data.val_split={self.val_split!r} must differ from the train and eval splits: "
+                              "selecting on the reported split inflates results")
 
 
 @dataclass
@@ -244,10 +250,31 @@ class RayConfig:
 
 @dataclass
 class TuneConfig:
+    """Ray Tune over the blend Beta(a, b) (and optionally the outer lrs): OptunaSearch + ASHA on short runs
+    scored on data.val_split, then the best and the default Beta(1, 1) rerun at full length on eval_split."""
+
     num_samples: int = 8
     max_concurrent_trials: int = 0  # 0 = fit to resources
     short_iterations: int = 300  # distillation length of a trial
-    search_lrs: bool = False  # also search lr_img / lr_txt / lr_sim
+    report_every: int = 100  # a trial reports val recall every this many iterations (ASHA's time unit)
+    grace_period: int = 1  # reports before ASHA may stop a trial
+    reduction_factor: int = 2
+    beta_range: list[float] = field(default_factory=lambda: [0.1, 10.0])  # log-uniform for beta_a and beta_b
+    search_lrs: bool = False  # also search lr_img / lr_txt / lr_sim (log-uniform, a decade around the config's)
+    trial_cpus: float = 1.0
+    trial_gpus: float = 0.5  # used when the cluster has GPUs: trials share them
+
+    def __post_init__(self) -> None:
+        for key in ("num_samples", "short_iterations", "report_every", "grace_period", "reduction_factor"):
+            _positive(f"tune.{key}", getattr(self, key))
+        _positive("tune.max_concurrent_trials", self.max_concurrent_trials, allow_zero=True)
+        _positive("tune.trial_cpus", self.trial_cpus)
+        _positive("tune.trial_gpus", self.trial_gpus, allow_zero=True)
+        if len(self.beta_range) != 2 or not 0 < self.beta_range[0] < self.beta_range[1]:
+            raise ConfigError(f"tune.beta_range={self.beta_range} must be [low, high] with 0 < low < high")
+        if self.report_every > self.short_iterations:
+            raise ConfigError(f"tune.report_every={self.report_every} exceeds tune.short_iterations="
+                              f"{self.short_iterations}: a trial would never report")
 
 
 @dataclass

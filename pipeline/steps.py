@@ -33,7 +33,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_table(config: Config) -> CaptionTable:
-    """The whole dataset (all splits) in canonical form."""
+    """The whole dataset (all splits) in canonical form, with the validation hold-out applied."""
+    table = _read_table(config)
+    data = config.data
+    if data.val_images:
+        table = table.hold_out(data.train_split, data.val_images, seed=config.run.seed + 1, name=data.val_split)
+    return table
+
+
+def _read_table(config: Config) -> CaptionTable:
     data = config.data
     if not data.root:
         raise ConfigError("data.root is not set: pass data.root=/path/to/dataset")
@@ -275,8 +283,12 @@ def _initial_pixels(config: Config, train, image_idx: torch.Tensor, image_encode
     return torch.stack([transform(load_image(current[i])) for i in ids])
 
 
-def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
-    """Distil the synthetic set (resuming from the run's checkpoint) and save it as safetensors."""
+def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, probe_split: str | None = None,
+            on_eval: Callable[[int, dict], None] | None = None) -> Path:
+    """Distil the synthetic set (resuming from the run's checkpoint) and save it as safetensors.
+
+    With distill.eval_every, the set is evaluated on `probe_split` (default: the eval split) every N
+    iterations, logged, and passed to `on_eval(iteration, metrics)` (Tune reports from there)."""
     from tqdm import tqdm
 
     from repblend.stages.buffer import head_specs, load_trajectory
@@ -286,6 +298,9 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> P
 
     dc = config.distill
     check_budget(config, caches)
+    if config.ray.workers:
+        raise StageNotImplementedError("ray.workers (distillation across Ray Train workers) is not implemented yet; "
+                                       "leave it at 0 to distil in this process")
     if dc.mode == "lors":
         raise StageNotImplementedError("distill.mode=lors (asymmetric matching of the whole image encoder) is not "
                                        "implemented yet")
@@ -328,15 +343,17 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> P
         log.info("distill: resuming from iteration %d (%s)", distiller.iteration, checkpoint)
     bar = tqdm(total=dc.iterations, initial=distiller.iteration, desc="distill", unit="it",
                disable=None if config.run.progress else True)
-    probe = _eval_probe(config, caches, encoder, device) if dc.eval_every else None
+    probe_split = probe_split or config.data.eval_split
+    probe = _eval_probe(config, caches, probe_split, encoder, device) if dc.eval_every else None
     with metrics_path.open("a") as metrics:
         def on_step(step) -> None:
             record = dict(step.__dict__)
             if probe is not None and step.iteration % dc.eval_every == 0:
-                record["eval"] = probe(distiller.syn)
-                log.info("distill it %d: %s img_r10 %.2f txt_r10 %.2f r_mean %.2f (1 seed, not used for selection)",
-                         step.iteration, config.data.eval_split, record["eval"]["img_r10"],
-                         record["eval"]["txt_r10"], record["eval"]["r_mean"])
+                record["eval"] = {"split": probe_split, **probe(distiller.syn)}
+                log.info("distill it %d: %s img_r10 %.2f txt_r10 %.2f r_mean %.2f (1 seed)", step.iteration,
+                         probe_split, record["eval"]["img_r10"], record["eval"]["txt_r10"], record["eval"]["r_mean"])
+                if on_eval is not None:
+                    on_eval(step.iteration, record["eval"])
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             bar.update(1)
@@ -362,19 +379,24 @@ def _image_features(syn, encoder) -> torch.Tensor:
         return (syn.images.clone() if encoder is None else encoder(syn.images)).float()
 
 
-def _eval_probe(config: Config, caches: dict[str, FeatureCache], encoder, device: torch.device):
-    """Eval-split recall of the set as it stands (one seed): a learning curve to watch, never a selector."""
+def _eval_probe(config: Config, caches: dict[str, FeatureCache], split: str, encoder, device: torch.device):
+    """Recall of the set as it stands (one seed) on `split`: a learning curve, or Tune's score on val."""
     from repblend.pipeline.evaluation import eval_seeds, train_settings
-    from repblend.stages.evaluate import PairSet, evaluate_pairs
+    from repblend.stages.evaluate import METRICS, PairSet, evaluate_pairs
+    from repblend.stages.retrieval import NonFiniteEmbeddings
 
-    evalset = load_features(caches, config.data.eval_split, device)
+    evalset = load_features(caches, split, device)
     eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     settings, seed = train_settings(config), eval_seeds(config)[:1]
 
     def probe(syn) -> dict:
         pairs = PairSet(_image_features(syn, encoder), syn.texts.detach(), syn.sim.full().detach(),
                         float(syn.syn_lr_img.detach()), float(syn.syn_lr_txt.detach()))
-        result = evaluate_pairs(pairs, settings, eval_features, seed, device)
+        try:
+            result = evaluate_pairs(pairs, settings, eval_features, seed, device)
+        except NonFiniteEmbeddings:  # heads trained on this set diverged: it scores nothing (Tune stops it)
+            log.warning("distill: heads trained on the current set diverged; its %s recall counts as 0", split)
+            return {k: 0.0 for k in METRICS} | {"diverged": True}
         return {k: round(v["mean"], 2) for k, v in result.items()}
 
     return probe

@@ -16,7 +16,7 @@ import random
 import re
 import tarfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -70,6 +70,19 @@ class CaptionTable:
             return CaptionTable(list(self.records), self.source)
         picked = sorted(random.Random(seed).sample(range(len(self.records)), n))
         return CaptionTable([self.records[i] for i in picked], self.source)
+
+    def hold_out(self, source_split: str, n: int, seed: int, name: str) -> CaptionTable:
+        """Relabel a seeded sample of `n` images of `source_split` as split `name` (removed from the source),
+        for model selection on data that is neither trained on nor reported."""
+        if name in self.splits():
+            raise DataError(f"{self.source}: cannot hold out split {name!r}: the data already has one")
+        candidates = [i for i, r in enumerate(self.records) if r.split == source_split]
+        if n >= len(candidates):
+            raise DataError(f"{self.source}: cannot hold out {n} images of split {source_split!r}: it has only "
+                            f"{len(candidates)}")
+        picked = set(random.Random(seed).sample(candidates, n))
+        records = [replace(r, split=name) if i in picked else r for i, r in enumerate(self.records)]
+        return CaptionTable(records, self.source)
 
     @property
     def num_captions(self) -> int:

@@ -66,6 +66,11 @@ _BACKENDS = ("auto", "torch", "faiss")
 
 
 # ---------------------------------------------------------------------------------------------- public API
+
+class NonFiniteEmbeddings(ValueError):
+    """Embeddings with NaN/inf: the model that produced them diverged."""
+
+
 def retrieval_metrics(
     img_emb: Tensor | np.ndarray,
     txt_emb: Tensor | np.ndarray,
@@ -178,7 +183,7 @@ def _prepare(img_emb, txt_emb, caption_to_image, normalize: bool) -> tuple[Tenso
     img = img.detach().float()
     txt = txt.detach().float()
     if not (torch.isfinite(img).all() and torch.isfinite(txt).all()):
-        raise ValueError("retrieval embeddings contain NaN or inf")
+        raise NonFiniteEmbeddings("retrieval embeddings contain NaN or inf")
     if normalize:
         img = F.normalize(img, dim=1)
         txt = F.normalize(txt, dim=1)

@@ -92,7 +92,8 @@ def test_eval_every_logs_a_learning_curve(toy, tmp_path):
     steps.distill(config, tmp_path, caches)
     records = [json.loads(line) for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "eval" in r] == [2, 4]
-    assert set(records[1]["eval"]) == {"img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean"}
+    assert set(records[1]["eval"]) == {"split", "img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean"}
+    assert records[1]["eval"]["split"] == "dev"
     assert 0 <= records[1]["eval"]["img_r10"] <= 100
 
 
@@ -111,3 +112,13 @@ def test_pixel_init_reads_images_where_the_dataset_is_now(toy, tmp_path):
     steps.buffer(config, tmp_path, caches)
     syn = load_file(str(steps.distill(config, tmp_path, caches)))
     assert syn["images"].shape == (8, 3, 32, 32)
+
+
+def test_train_workers_are_refused_until_they_exist(toy, tmp_path):
+    from repblend.stages.errors import StageNotImplementedError
+
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "ray.workers=2"])
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    with pytest.raises(StageNotImplementedError, match=r"ray.workers .* not implemented yet"):
+        steps.distill(config, tmp_path, caches)

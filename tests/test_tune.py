@@ -1,0 +1,59 @@
+"""`repblend tune`: a small search completes, selects on the held-out val split, compares with Beta(1, 1)."""
+
+import json
+
+import pytest
+
+from repblend.distributed.tune import search_space, with_params
+from repblend.pipeline.cli import main
+from repblend.pipeline.config import load_config
+from repblend.stages.toydata import make_toy_dataset
+
+TINY = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.image.image_size=32",
+        "encoders.text.name=tiny", "encoders.text.weights=random", "encoders.num_workers=0", "run.progress=false",
+        "model.embed_dim=16", "buffer.num_experts=2", "buffer.train_epochs=3", "buffer.batch_size=16",
+        "distill.space=feature", "distill.num_queries=8", "distill.sim_rank=2", "distill.mini_batch_size=4",
+        "distill.syn_steps=3", "distill.iterations=6", "distill.lr_img=0.1", "distill.lr_txt=0.1",
+        "distill.lr_sim=0.01", "distill.lr_lr=1e-4", "distill.lr_teacher=0.01", "eval.num_eval=2", "eval.epochs=5",
+        "run.device=cpu"]
+
+
+def test_params_reach_the_config():
+    config = load_config(None, ["tune.search_lrs=true", "distill.lr_img=100"])
+    space, default = search_space(config)
+    assert set(space) == {"beta_a", "beta_b", "lr_img", "lr_txt", "lr_sim"}
+    assert default == {"beta_a": 1.0, "beta_b": 1.0, "lr_img": 100.0, "lr_txt": 100.0, "lr_sim": 10.0}
+    changed = with_params(config, {"beta_a": 0.5, "beta_b": 2.0, "lr_img": 30.0})
+    assert (changed.blend.beta_a, changed.blend.beta_b, changed.distill.lr_img) == (0.5, 2.0, 30.0)
+
+
+def test_tune_needs_a_validation_split(tmp_path, capsys):
+    toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
+    code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={toy}", f"cache.dir={tmp_path / 'c'}",
+                 "--run-dir", str(tmp_path / "run"), *TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "split 'val' is empty or absent" in err and "data.val_images=N" in err
+
+
+@pytest.mark.ray
+def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_path, capsys):
+    toy = make_toy_dataset(tmp_path / "toy", n_train=30, n_dev=8, size=32)
+    run_dir = tmp_path / "run"
+    code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={toy}", f"cache.dir={tmp_path / 'c'}",
+                 "--run-dir", str(run_dir), *TINY, "data.val_images=6", "tune.num_samples=4",
+                 "tune.short_iterations=4", "tune.report_every=2", "tune.max_concurrent_trials=2"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((run_dir / "tune_results.json").read_text())
+    assert results["num_trials"] == 4 and results["select_split"] == "val" and results["eval_split"] == "dev"
+    assert {"beta_a": 1.0, "beta_b": 1.0} in [t["params"] for t in results["trials"]]  # the search is seeded with it
+    assert all(t["error"] is None for t in results["trials"])
+    assert any(t["completed"] for t in results["trials"])
+    for label in ("default", "best"):
+        assert 0 <= results["final"][label]["r_mean"]["mean"] <= 100
+    best = load_config(run_dir / "best_config.yaml", [])
+    assert (best.blend.beta_a, best.blend.beta_b) == (results["best_params"]["beta_a"], results["best_params"]["beta_b"])
+    assert "| default (beta_a=1, beta_b=1) |" in (run_dir / "tune_results.md").read_text()
+    # the val images were held out of training: the train cache holds 24 of the 30 training images
+    train_manifest = json.loads(next((tmp_path / "c").glob("train*.json")).read_text())
+    assert train_manifest["num_images"] == 24
