@@ -21,6 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from repblend.distributed.buffer import expert_runner
 from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.paths import absolute
 from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import Config, to_yaml
 from repblend.stages.encode import FeatureCache
@@ -51,14 +52,6 @@ def with_params(config: Config, params: dict) -> Config:
     blend = dataclasses.replace(config.blend, beta_a=float(params["beta_a"]), beta_b=float(params["beta_b"]))
     lrs = {k: float(params[k]) for k in LR_KEYS if k in params}
     return dataclasses.replace(config, blend=blend, distill=dataclasses.replace(config.distill, **lrs))
-
-
-def _absolute(config: Config, caches: dict[str, FeatureCache], tune_dir: Path):
-    """Trials run with another working directory (Tune's trial folder): hand them absolute paths only."""
-    data = dataclasses.replace(config.data, root=str(Path(config.data.root).expanduser().resolve()))
-    buffer = dataclasses.replace(config.buffer, dir=str(tune_dir / "buffer"))
-    absolute = {split: FeatureCache(c.tensors_path.resolve(), c.manifest_path.resolve()) for split, c in caches.items()}
-    return dataclasses.replace(config, data=data, buffer=buffer), absolute
 
 
 def _trial(params: dict, *, config: Config, caches: dict[str, FeatureCache], tune_dir: str) -> None:
@@ -150,7 +143,7 @@ def run_tune(config: Config, run_dir: Path) -> dict:
         raise ConfigError(f"{exc}. repblend tune selects on data.val_split={data.val_split!r}: set "
                           "data.val_images=N to hold out N training images for it") from exc
     steps.check_budget(config, caches)
-    config, caches = _absolute(config, caches, run_dir)
+    config, caches = absolute(config, caches, run_dir, buffer_dir=run_dir / "buffer")
     ensure_ray(config.ray)
     steps.buffer(config, run_dir, caches, expert_runner(config, run_dir / "buffer", caches))
     grid = _tuner(config, caches, run_dir).fit()

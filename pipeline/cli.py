@@ -104,7 +104,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             run_experts = expert_runner(config, steps.buffer_dir_of(config, run_dir), caches)
         mark_stage_done(run_dir, "buffer", {"dir": str(steps.buffer(config, run_dir, caches, run_experts))})
     if args.command in ("distill", "run"):
-        mark_stage_done(run_dir, "distill", {"synthetic": str(steps.distill(config, run_dir, caches))})
+        if config.ray.workers:
+            from repblend.distributed.train import distill_with_ray
+
+            synthetic = distill_with_ray(config, run_dir, caches)
+        else:
+            synthetic = steps.distill(config, run_dir, caches)
+        mark_stage_done(run_dir, "distill", {"synthetic": str(synthetic)})
     if args.command in ("eval", "run"):
         evaluation.evaluate(config, run_dir, caches)
         mark_stage_done(run_dir, "eval", {"results": str(run_dir / "results.json")})

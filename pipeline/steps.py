@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from repblend.pipeline.config import Config
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
 from repblend.stages.errors import ConfigError, StageNotImplementedError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
+
+if TYPE_CHECKING:
+    from repblend.stages.distiller import Distiller
 
 log = logging.getLogger("repblend")
 
@@ -283,33 +287,43 @@ def _initial_pixels(config: Config, train, image_idx: torch.Tensor, image_encode
     return torch.stack([transform(load_image(current[i])) for i in ids])
 
 
-def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, probe_split: str | None = None,
-            on_eval: Callable[[int, dict], None] | None = None) -> Path:
-    """Distil the synthetic set (resuming from the run's checkpoint) and save it as safetensors.
+@dataclasses.dataclass
+class DistillJob:
+    """What one distillation process holds: the distiller, the encoder (pixel space) and the initial pairs."""
 
-    With distill.eval_every, the set is evaluated on `probe_split` (default: the eval split) every N
-    iterations, logged, and passed to `on_eval(iteration, metrics)` (Tune reports from there)."""
-    from tqdm import tqdm
+    distiller: Distiller
+    encoder: torch.nn.Module | None
+    image_idx: torch.Tensor
+    caption_idx: torch.Tensor
 
+
+def check_distill(config: Config, caches: dict[str, FeatureCache]) -> None:
+    check_budget(config, caches)
+    if config.distill.mode == "lors":
+        raise StageNotImplementedError("distill.mode=lors (asymmetric matching of the whole image encoder) is not "
+                                       "implemented yet")
+
+
+def synthetic_path(run_dir: Path) -> Path:
+    return run_dir / "distill" / "synthetic.safetensors"
+
+
+def distill_is_complete(config: Config, run_dir: Path) -> bool:
+    path = synthetic_path(run_dir)
+    if path.is_file() and _saved_iterations(path) == config.distill.iterations:
+        log.info("distill: %s is complete (%d iterations), skipped", path, config.distill.iterations)
+        return True
+    return False
+
+
+def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCache], device: torch.device, *,
+                    rank: int = 0, mean_across_workers=None) -> DistillJob:
+    """The synthetic set initialised from real pairs, the experts in memory, the outer optimiser."""
     from repblend.stages.buffer import head_specs, load_trajectory
     from repblend.stages.distill import DistillSettings, SyntheticSet
     from repblend.stages.distiller import Distiller, OuterSettings
-    from repblend.stages.io import write_tensors
 
     dc = config.distill
-    check_budget(config, caches)
-    if config.ray.workers:
-        raise StageNotImplementedError("ray.workers (distillation across Ray Train workers) is not implemented yet; "
-                                       "leave it at 0 to distil in this process")
-    if dc.mode == "lors":
-        raise StageNotImplementedError("distill.mode=lors (asymmetric matching of the whole image encoder) is not "
-                                       "implemented yet")
-    out_dir = run_dir / "distill"
-    path = out_dir / "synthetic.safetensors"
-    if path.is_file() and _saved_iterations(path) == dc.iterations:
-        log.info("distill: %s is complete (%d iterations), skipped", path, dc.iterations)
-        return path
-    device = resolve_device(config.run.device)
     train = load_features(caches, config.data.train_split, device)
     buffer_dir = buffer_dir_of(config, run_dir)
     index = json.loads((buffer_dir / "index.json").read_text())
@@ -335,42 +349,88 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, p
     outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum,
                           optimizer=dc.optimizer, lr_floor=dc.lr_floor)
     distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed, image_encoder=encoder,
-                          device=device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = out_dir / "checkpoint.pt"
-    metrics_path = out_dir / "metrics.jsonl"
-    if distiller.resume(checkpoint):
-        log.info("distill: resuming from iteration %d (%s)", distiller.iteration, checkpoint)
-    bar = tqdm(total=dc.iterations, initial=distiller.iteration, desc="distill", unit="it",
+                          device=device, rank=rank, mean_across_workers=mean_across_workers)
+    return DistillJob(distiller, encoder, image_idx, caption_idx)
+
+
+def open_metrics(path: Path, iteration: int):
+    """metrics.jsonl for appending, without the rows a killed run wrote after its last checkpoint (they are
+    about to be recomputed), so every iteration appears once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= iteration]
+        path.write_text("".join(row + "\n" for row in rows))
+    return path.open("a")
+
+
+def step_logger(config: Config, caches: dict[str, FeatureCache], job: DistillJob, metrics, *,
+                probe_split: str | None = None, on_eval: Callable[[int, dict], None] | None = None):
+    """The per-iteration callback: metrics.jsonl, progress bar, and the eval probe every distill.eval_every."""
+    from tqdm import tqdm
+
+    dc = config.distill
+    device = job.distiller.device
+    bar = tqdm(total=dc.iterations, initial=job.distiller.iteration, desc="distill", unit="it",
                disable=None if config.run.progress else True)
     probe_split = probe_split or config.data.eval_split
-    probe = _eval_probe(config, caches, probe_split, encoder, device) if dc.eval_every else None
-    with metrics_path.open("a") as metrics:
-        def on_step(step) -> None:
-            record = dict(step.__dict__)
-            if probe is not None and step.iteration % dc.eval_every == 0:
-                record["eval"] = {"split": probe_split, **probe(distiller.syn)}
-                log.info("distill it %d: %s img_r10 %.2f txt_r10 %.2f r_mean %.2f (1 seed)", step.iteration,
-                         probe_split, record["eval"]["img_r10"], record["eval"]["txt_r10"], record["eval"]["r_mean"])
-                if on_eval is not None:
-                    on_eval(step.iteration, record["eval"])
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{step.loss:.4f}", lr_img=f"{step.syn_lr_img:.4f}")
+    probe = _eval_probe(config, caches, probe_split, job.encoder, device) if dc.eval_every else None
 
-        distiller.run(dc.iterations, checkpoint=checkpoint, ckpt_every=dc.ckpt_every, on_step=on_step)
-    bar.close()
-    syn = distiller.syn
-    features = _image_features(syn, encoder)
+    def on_step(step) -> None:
+        record = dict(step.__dict__)
+        if probe is not None and step.iteration % dc.eval_every == 0:
+            record["eval"] = {"split": probe_split, **probe(job.distiller.syn)}
+            log.info("distill it %d: %s img_r10 %.2f txt_r10 %.2f r_mean %.2f (1 seed)", step.iteration,
+                     probe_split, record["eval"]["img_r10"], record["eval"]["txt_r10"], record["eval"]["r_mean"])
+            if on_eval is not None:
+                on_eval(step.iteration, record["eval"])
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{step.loss:.4f}", lr_img=f"{step.syn_lr_img:.4f}")
+        if step.iteration == dc.iterations:
+            bar.close()
+
+    return on_step
+
+
+def save_synthetic(config: Config, run_dir: Path, job: DistillJob) -> Path:
+    from repblend.stages.io import write_tensors
+
+    syn = job.distiller.syn
+    features = _image_features(syn, job.encoder)
     tensors = {"images": syn.images, "image_features": features.float(), "texts": syn.texts,
                "similarity": syn.sim.full().detach(), "syn_lr_img": syn.syn_lr_img.detach().reshape(1),
-               "syn_lr_txt": syn.syn_lr_txt.detach().reshape(1), "init_image_index": image_idx,
-               "init_caption_index": caption_idx}
-    meta = {"space": dc.space, "mode": dc.mode, "iterations": str(distiller.iteration), "seed": str(config.run.seed),
-            "image_encoder": config.encoders.image.name, "text_encoder": config.encoders.text.name}
+               "syn_lr_txt": syn.syn_lr_txt.detach().reshape(1), "init_image_index": job.image_idx,
+               "init_caption_index": job.caption_idx}
+    dc = config.distill
+    meta = {"space": dc.space, "mode": dc.mode, "iterations": str(job.distiller.iteration),
+            "seed": str(config.run.seed), "image_encoder": config.encoders.image.name,
+            "text_encoder": config.encoders.text.name}
+    path = synthetic_path(run_dir)
     write_tensors(path, tensors, metadata=meta)
     return path
+
+
+def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, probe_split: str | None = None,
+            on_eval: Callable[[int, dict], None] | None = None) -> Path:
+    """Distil the synthetic set in this process (resuming from the run's checkpoint); save it as safetensors.
+
+    With distill.eval_every, the set is evaluated on `probe_split` (default: the eval split) every N
+    iterations, logged, and passed to `on_eval(iteration, metrics)` (Tune reports from there)."""
+    check_distill(config, caches)
+    if distill_is_complete(config, run_dir):
+        return synthetic_path(run_dir)
+    job = build_distiller(config, run_dir, caches, resolve_device(config.run.device))
+    out_dir = run_dir / "distill"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / "checkpoint.pt"
+    if job.distiller.resume(checkpoint):
+        log.info("distill: resuming from iteration %d (%s)", job.distiller.iteration, checkpoint)
+    with open_metrics(out_dir / "metrics.jsonl", job.distiller.iteration) as metrics:
+        on_step = step_logger(config, caches, job, metrics, probe_split=probe_split, on_eval=on_eval)
+        job.distiller.run(config.distill.iterations, checkpoint=checkpoint, ckpt_every=config.distill.ckpt_every,
+                          on_step=on_step)
+    return save_synthetic(config, run_dir, job)
 
 
 def _image_features(syn, encoder) -> torch.Tensor:

@@ -39,6 +39,13 @@ class OuterSettings:
     lr_floor: float = 0.0  # clamp learned student lrs at this floor after each update (0 = no clamp)
 
 
+@dataclass(frozen=True)
+class Sample:
+    expert: int
+    start_epoch: int
+    batches: list[StudentBatch]
+
+
 @dataclass
 class StepLog:
     iteration: int
@@ -63,10 +70,13 @@ class Distiller:
     image_encoder: nn.Module | None = None  # pixel mode: frozen encoder applied to syn.images
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     iteration: int = 0
+    rank: int = 0  # data-parallel rank: each rank draws its own experts, start epochs and batches
+    # data-parallel runs average in place across workers (gradients, then the logged numbers); None = one process
+    mean_across_workers: Callable[[list[torch.Tensor]], None] | None = None
 
     def __post_init__(self) -> None:
         self.syn.to(self.device)
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = np.random.default_rng(self.seed if self.rank == 0 else [self.seed, self.rank])
         groups = [
             {"params": [self.syn.images], "lr": self.outer.lr_img},
             {"params": [self.syn.texts], "lr": self.outer.lr_txt},
@@ -105,21 +115,36 @@ class Distiller:
         features[used] = encoded.detach().to(features.dtype)
         return features.requires_grad_(True), encoded, used
 
-    def step(self) -> StepLog:
-        start_time = time.perf_counter()
+    def sample(self) -> Sample:
+        """This rank's draw for one iteration: expert, start epoch and the student mini-batches."""
         expert = int(self.rng.integers(len(self._traj)))
         start_epoch = int(self.rng.integers(self.settings.max_start_epoch))
-        traj = self._traj[expert]
-        start = (traj.image[start_epoch], traj.text[start_epoch])
-        end = start_epoch + self.settings.expert_epochs
+        return Sample(expert, start_epoch, sample_batches(self.syn.num_pairs, self.settings, self.rng))
+
+    def gradients(self, sample: Sample) -> MatchResult:
+        """Matching loss of `sample`; its gradient w.r.t. the synthetic set is left in the parameters' .grad."""
+        traj = self._traj[sample.expert]
+        start = (traj.image[sample.start_epoch], traj.text[sample.start_epoch])
+        end = sample.start_epoch + self.settings.expert_epochs
         target = (traj.image[end], traj.text[end])
-        batches = sample_batches(self.syn.num_pairs, self.settings, self.rng)
         self.optimizer.zero_grad(set_to_none=True)
-        features, encoded, used = self._features(batches)
+        features, encoded, used = self._features(sample.batches)
         match = match_unrolled if self.settings.grad_mode == "unroll" else match_tesla
-        result: MatchResult = match(features, self.syn, self.specs, start, target, batches, self.settings)
+        result: MatchResult = match(features, self.syn, self.specs, start, target, sample.batches, self.settings)
         if encoded is not None:
             encoded.backward(features.grad[used].to(encoded.dtype))
+        return result
+
+    def step(self) -> StepLog:
+        start_time = time.perf_counter()
+        sample = self.sample()
+        result = self.gradients(sample)
+        stats = torch.stack([result.loss, result.loss_img, result.loss_txt])
+        if self.mean_across_workers is not None:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.syn.parameters()]
+            self.mean_across_workers([*grads, stats])
+            for p, g in zip(self.syn.parameters(), grads):
+                p.grad = g
         self.optimizer.step()
         if self.outer.lr_floor > 0:
             with torch.no_grad():
@@ -127,11 +152,10 @@ class Distiller:
                 self.syn.syn_lr_txt.clamp_(min=self.outer.lr_floor)
         self.iteration += 1
         # the iteration's only host synchronisation: every logged number in one transfer
-        loss, loss_img, loss_txt, lr_img, lr_txt = torch.stack(
-            [result.loss, result.loss_img, result.loss_txt, self.syn.syn_lr_img.detach(),
-             self.syn.syn_lr_txt.detach()]).tolist()
+        loss, loss_img, loss_txt, lr_img, lr_txt = torch.cat(
+            [stats, self.syn.syn_lr_img.detach().reshape(1), self.syn.syn_lr_txt.detach().reshape(1)]).tolist()
         log = StepLog(self.iteration, loss, loss_img, loss_txt, lr_img, lr_txt, time.perf_counter() - start_time,
-                      expert, start_epoch)
+                      sample.expert, sample.start_epoch)
         self._check(log)  # before any checkpoint of this state is written
         return log
 

@@ -1,5 +1,7 @@
 """Ray glue: experts as Ray tasks give the local buffer, and survive a worker that dies mid-buffer."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -51,3 +53,53 @@ def test_expert_whose_worker_dies_is_retried(ray_session, toy, tmp_path, monkeyp
     assert marker.exists(), "the fault was not injected: the test would prove nothing"
     assert sorted(p.name for p in buffer_dir.glob("expert_*.safetensors")) == [
         "expert_000.safetensors", "expert_001.safetensors", "expert_002.safetensors"]
+
+
+DISTILL = ["distill.space=feature", "distill.mini_batch_size=4", "distill.syn_steps=3", "distill.iterations=4",
+           "distill.ckpt_every=2", "distill.lr_img=0.1", "distill.lr_txt=0.1", "distill.lr_sim=0.01",
+           "distill.lr_lr=1e-4", "distill.lr_teacher=0.01", "ray.workers=2", "ray.worker_cpus=0.5"]
+
+
+def _one_process_reference(config, run_dir, caches):
+    """Two ranks' gradients averaged by hand in one process: what the all-reduce must reproduce."""
+    rank1 = steps.build_distiller(config, run_dir, caches, torch.device("cpu"), rank=1).distiller
+    job = steps.build_distiller(config, run_dir, caches, torch.device("cpu"), rank=0)
+
+    def mean_with_rank1(tensors):
+        mine = [t.clone() for t in tensors]
+        rank1.syn.load_state_dict(job.distiller.syn.state_dict())  # rank 1 holds the same set before the update
+        result = rank1.gradients(rank1.sample())
+        theirs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in rank1.syn.parameters()]
+        theirs.append(torch.stack([result.loss, result.loss_img, result.loss_txt]))
+        for t, a, b in zip(tensors, mine, theirs):
+            t.copy_((a + b) / 2)
+
+    job.distiller.mean_across_workers = mean_with_rank1
+    job.distiller.run(config.distill.iterations)
+    return job.distiller.syn
+
+
+def test_two_train_workers_average_what_one_process_averages(ray_session, toy, tmp_path, monkeypatch):
+    from repblend.distributed.train import FAULT_ENV, distill_with_ray
+
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, *DISTILL])
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path / "straight", caches)
+    synthetic = load_file(str(distill_with_ray(config, tmp_path / "straight", caches)))
+    reference = _one_process_reference(config, tmp_path / "straight", caches)
+    torch.testing.assert_close(synthetic["texts"], reference.texts.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(synthetic["images"], reference.images.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(synthetic["similarity"], reference.sim.full().detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(synthetic["texts"], caches["train"].load().text_features[synthetic["init_caption_index"]])
+
+    # a worker that dies after iteration 3 (checkpoint at 2): the group restarts and ends with the same set
+    marker = tmp_path / "rank0_killed_once"
+    monkeypatch.setenv(FAULT_ENV, f"3:{marker}")
+    steps.buffer(config, tmp_path / "killed", caches)
+    resumed = load_file(str(distill_with_ray(config, tmp_path / "killed", caches)))
+    assert marker.exists(), "the fault was not injected: the test would prove nothing"
+    for key in ("images", "texts", "similarity", "syn_lr_img", "syn_lr_txt"):
+        torch.testing.assert_close(resumed[key], synthetic[key], rtol=0, atol=0)
+    iterations = [json.loads(line)["iteration"]
+                  for line in (tmp_path / "killed" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == [1, 2, 3, 4]  # the iteration redone after the restart is logged once

@@ -113,12 +113,3 @@ def test_pixel_init_reads_images_where_the_dataset_is_now(toy, tmp_path):
     syn = load_file(str(steps.distill(config, tmp_path, caches)))
     assert syn["images"].shape == (8, 3, 32, 32)
 
-
-def test_train_workers_are_refused_until_they_exist(toy, tmp_path):
-    from repblend.stages.errors import StageNotImplementedError
-
-    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "ray.workers=2"])
-    caches = steps.encode(config)
-    steps.buffer(config, tmp_path, caches)
-    with pytest.raises(StageNotImplementedError, match=r"ray.workers .* not implemented yet"):
-        steps.distill(config, tmp_path, caches)

@@ -1,0 +1,113 @@
+"""Distillation across Ray Train workers (`ray.workers=K`): data parallel over trajectory samples.
+
+Every worker holds the same synthetic set and optimiser; each draws its own expert, start epoch and
+mini-batches, computes its matching-loss gradient, and the gradients are averaged (one all-reduce per
+iteration) before the identical update on every worker: K trajectory samples per iteration instead of one.
+Every worker reports at each checkpoint (Ray Train needs the same number of reports from all), each with its
+own state file, so a restarted group continues exactly where the last checkpoint left off (FailureConfig).
+Only glue: the iteration itself is the stage's `Distiller.step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.paths import absolute
+from repblend.pipeline import steps
+from repblend.pipeline.config import Config
+from repblend.stages.encode import FeatureCache
+
+log = logging.getLogger("repblend")
+
+FAULT_ENV = "REPBLEND_FAULT_DISTILL"  # "iteration:marker": rank 0 dies once after that iteration (tests)
+
+
+def mean_across_workers(tensors: list[torch.Tensor]) -> None:
+    """Average in place over the process group, in one collective."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _inject_fault(rank: int, iteration: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and rank == 0:
+        target, marker = spec.split(":", 1)
+        if int(target) == iteration and not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)
+
+
+def _state_file(rank: int) -> str:
+    return f"rank{rank:03d}.pt"
+
+
+def _train_fn(loop: dict) -> None:
+    config: Config = loop["config"]
+    run_dir, caches = Path(loop["run_dir"]), loop["caches"]
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(max(1, int(config.ray.worker_cpus)))
+    job = steps.build_distiller(config, run_dir, caches, ray.train.torch.get_device(), rank=rank,
+                                mean_across_workers=mean_across_workers)
+    distiller, dc = job.distiller, config.distill
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            distiller.load(Path(folder) / _state_file(rank))
+        log.info("distill (rank %d): resuming from iteration %d", rank, distiller.iteration)
+    metrics = steps.open_metrics(run_dir / "distill" / "metrics.jsonl", distiller.iteration) if rank == 0 else None
+    on_step = steps.step_logger(config, caches, job, metrics) if rank == 0 else None
+    try:
+        while distiller.iteration < dc.iterations:
+            step = distiller.step()
+            if on_step is not None:
+                on_step(step)
+            _inject_fault(rank, step.iteration)
+            if step.iteration % dc.ckpt_every == 0 or step.iteration == dc.iterations:
+                with tempfile.TemporaryDirectory() as folder:
+                    distiller.save(Path(folder) / _state_file(rank))
+                    ray.train.report({"iteration": step.iteration, "loss": step.loss},
+                                     checkpoint=ray.train.Checkpoint.from_directory(folder))
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if rank == 0:
+        steps.save_synthetic(config, run_dir, job)
+
+
+def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
+    """`steps.distill` on `ray.workers` Ray Train workers; resumes from run_dir/distill/train after a crash."""
+    steps.check_distill(config, caches)
+    if steps.distill_is_complete(config, run_dir):
+        return steps.synthetic_path(run_dir)
+    run_dir = run_dir.resolve()
+    config, caches = absolute(config, caches, run_dir)
+    ensure_ray(config.ray)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
+    trainer = ray.train.torch.TorchTrainer(
+        _train_fn,
+        train_loop_config={"config": config, "run_dir": str(run_dir), "caches": caches},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.ray.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": config.ray.worker_cpus}),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=str(run_dir / "distill"),
+            failure_config=ray.train.FailureConfig(max_failures=config.ray.max_retries),
+            worker_runtime_env={"env_vars": env} if env else None))
+    trainer.fit()
+    return steps.synthetic_path(run_dir)
