@@ -21,6 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from repblend.distributed.buffer import expert_runner
 from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.encode import images_encoder_for
 from repblend.distributed.paths import absolute
 from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import Config, to_yaml
@@ -136,7 +137,8 @@ def run_tune(config: Config, run_dir: Path) -> dict:
     run_dir = run_dir.resolve()
     data = config.data
     try:
-        caches = steps.encode(config, [data.train_split, data.eval_split, data.val_split])
+        caches = steps.encode(config, [data.train_split, data.eval_split, data.val_split],
+                              encode_images_with=images_encoder_for(config))
     except DataError as exc:
         if data.val_images or data.val_split not in str(exc):
             raise

@@ -86,7 +86,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_tune(config, run_dir)
         print((run_dir / "tune_results.md").read_text(), end="")
         return 0
-    caches = steps.encode(config)
+    encode_images_with = None
+    if config.ray.enabled and config.ray.data_encode:  # ray is imported only when it is used
+        from repblend.distributed.encode import image_encoder_with_ray_data
+
+        encode_images_with = image_encoder_with_ray_data(config)
+    caches = steps.encode(config, encode_images_with=encode_images_with)
     mark_stage_done(run_dir, "encode", {split: str(c.tensors_path) for split, c in caches.items()})
     if args.command == "encode":
         for split, cache in caches.items():

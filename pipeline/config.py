@@ -236,6 +236,8 @@ class RayConfig:
     address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:port" attaches to a cluster
     num_cpus: int = 0  # 0 = let Ray decide (embedded only)
     num_gpus: int = 0
+    data_encode: bool = False  # encode images with Ray Data (decoding over the cluster, encoder actors)
+    encode_actors: int = 0  # encoder actors for Ray Data; 0 = one per GPU (one on a CPU-only cluster)
     workers: int = 0  # Ray Train workers for distillation (data parallel); 0 = in the driver process
     worker_cpus: float = 1.0  # CPUs of one Train worker (each also gets a whole GPU when the cluster has GPUs)
     expert_cpus: float = 1.0  # resources of one expert task (heads on cached features: small)
@@ -246,7 +248,7 @@ class RayConfig:
         _positive("ray.expert_cpus", self.expert_cpus)
         _positive("ray.worker_cpus", self.worker_cpus)
         _positive("ray.expert_gpus", self.expert_gpus, allow_zero=True)
-        for key in ("num_cpus", "num_gpus", "workers", "max_retries"):
+        for key in ("num_cpus", "num_gpus", "workers", "max_retries", "encode_actors"):
             _positive(f"ray.{key}", getattr(self, key), allow_zero=True)
         if self.workers and not self.enabled:
             raise ConfigError(f"ray.workers={self.workers} needs Ray: drop ray.enabled=false or set ray.workers=0")

@@ -82,13 +82,15 @@ def encoder_identity(config: Config) -> EncoderIdentity:
 
 
 def build_encoders(config: Config, device: torch.device):
-    from repblend.stages.encoders import build_text_encoder
+    return build_image_encoder(config, device), build_text_encoder(config, device)
 
-    enc = config.encoders
-    image = build_image_encoder(config, device)  # seeds first: "random"/"tiny" encoders are the same every run
-    text = build_text_encoder(enc.text.name, weights=enc.text.weights, pooling=enc.text.pooling,
-                              max_length=enc.text.max_length)
-    return image, text.to(device)
+
+def build_text_encoder(config: Config, device: torch.device):
+    from repblend.stages.encoders import build_text_encoder as build
+
+    enc = config.encoders.text
+    torch.manual_seed(config.run.seed + 1)  # "random"/"tiny" encoders: the same in every run and process
+    return build(enc.name, weights=enc.weights, pooling=enc.pooling, max_length=enc.max_length).to(device)
 
 
 def build_image_encoder(config: Config, device: torch.device):
@@ -100,8 +102,12 @@ def build_image_encoder(config: Config, device: torch.device):
     return build(enc.name, weights=enc.weights, image_size=enc.image_size).to(device)
 
 
-def encode(config: Config, splits: list[str] | None = None) -> dict[str, FeatureCache]:
-    """Feature caches for the train and eval splits; splits whose cache exists are skipped."""
+def encode(config: Config, splits: list[str] | None = None,
+           encode_images_with: Callable[[CaptionTable, str], tuple[torch.Tensor, list[int]]] | None = None
+           ) -> dict[str, FeatureCache]:
+    """Feature caches for the train and eval splits; splits whose cache exists are skipped.
+
+    `encode_images_with(split_table, split)` replaces the in-process image encoding (Ray Data does it there)."""
     device = resolve_device(config.run.device)
     table = load_table(config)
     identity = encoder_identity(config)
@@ -118,14 +124,16 @@ def encode(config: Config, splits: list[str] | None = None) -> dict[str, Feature
             log.info("encode %s: cache is up to date (%s), skipped", split, cache.tensors_path)
         caches[split] = cache
     if todo:
-        image_encoder, text_encoder = build_encoders(config, device)
+        enc = config.encoders
+        image_encoder = None if encode_images_with else build_image_encoder(config, device)
+        text_encoder = build_text_encoder(config, device)
         for split, part, cache, fingerprint in todo:
             start = time.perf_counter()
+            image_features = encode_images_with(part, split) if encode_images_with else None
             encode_split(part, split, cache, identity, image_encoder, text_encoder, fingerprint=fingerprint,
-                         image_batch_size=config.encoders.image_batch_size,
-                         text_batch_size=config.encoders.text_batch_size,
-                         num_workers=config.encoders.num_workers, device=device,
-                         on_error=config.data.on_error, progress=config.run.progress)
+                         image_batch_size=enc.image_batch_size, text_batch_size=enc.text_batch_size,
+                         num_workers=enc.num_workers, device=device, on_error=config.data.on_error,
+                         progress=config.run.progress, image_features=image_features)
             log.info("encode %s: %d images, %d captions in %.1f s -> %s", split, len(part), part.num_captions,
                      time.perf_counter() - start, cache.tensors_path)
     return caches

@@ -172,17 +172,23 @@ def encode_images(encoder: ImageEncoder, paths: list[str], *, batch_size: int, n
 
 
 def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity: EncoderIdentity,
-                 image_encoder: ImageEncoder, text_encoder: TextEncoder, *, fingerprint: str | None = None,
+                 image_encoder: ImageEncoder | None, text_encoder: TextEncoder, *, fingerprint: str | None = None,
                  image_batch_size: int = 64,
                  text_batch_size: int = 256, num_workers: int = 2, device: str | torch.device = "cpu",
-                 on_error: str = "stop", progress: bool = True) -> FeatureCache:
-    """Encode one split into `cache` (atomically: manifest written last, so a crash leaves no cache)."""
+                 on_error: str = "stop", progress: bool = True,
+                 image_features: tuple[torch.Tensor, list[int]] | None = None) -> FeatureCache:
+    """Encode one split into `cache` (atomically: manifest written last, so a crash leaves no cache).
+
+    `image_features` (features, indices of the decodable images) may come from elsewhere, e.g. Ray Data;
+    then `image_encoder` is not used and may be None."""
     device = torch.device(device)
     start = time.perf_counter()
     records = table.records
-    img_feats, kept = encode_images(image_encoder, [r.path for r in records], batch_size=image_batch_size,
-                                    num_workers=num_workers, device=device, on_error=on_error,
-                                    progress=progress, desc=f"encode {split} images")
+    if image_features is None:
+        image_features = encode_images(image_encoder, [r.path for r in records], batch_size=image_batch_size,
+                                       num_workers=num_workers, device=device, on_error=on_error,
+                                       progress=progress, desc=f"encode {split} images")
+    img_feats, kept = image_features
     kept_records = [records[i] for i in kept]
     captions = [c for r in kept_records for c in r.captions]
     caption_to_image = torch.tensor([i for i, r in enumerate(kept_records) for _ in r.captions], dtype=torch.long)
@@ -201,7 +207,7 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
         "split": split,
         "num_images": len(kept_records),
         "num_captions": len(captions),
-        "image_encoder": {**identity.image, "feature_dim": image_encoder.feature_dim},
+        "image_encoder": {**identity.image, "feature_dim": int(img_feats.shape[1])},
         "text_encoder": {**identity.text, "feature_dim": text_encoder.feature_dim},
         "dtype": identity.dtype,
         "inputs_fingerprint": fingerprint or table.fingerprint(),

@@ -103,3 +103,33 @@ def test_two_train_workers_average_what_one_process_averages(ray_session, toy, t
     iterations = [json.loads(line)["iteration"]
                   for line in (tmp_path / "killed" / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert iterations == [1, 2, 3, 4]  # the iteration redone after the restart is logged once
+
+
+def test_ray_data_encode_equals_local_encode(ray_session, toy, tmp_path):
+    from repblend.distributed.encode import image_encoder_with_ray_data
+
+    local = steps.encode(load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'local'}", *TINY]))
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'ray'}", *TINY, "ray.data_encode=true",
+                                "encoders.image_batch_size=5"])  # batches that do not divide the split
+    remote = steps.encode(config, encode_images_with=image_encoder_with_ray_data(config))
+    for split in ("train", "dev"):
+        a, b = local[split].load(), remote[split].load()
+        torch.testing.assert_close(b.image_features, a.image_features, rtol=1e-3, atol=1e-3)  # fp16 cache
+        torch.testing.assert_close(b.text_features, a.text_features, rtol=0, atol=0)
+        assert b.image_ids == a.image_ids and b.captions == a.captions
+        assert torch.equal(b.caption_to_image, a.caption_to_image)
+    assert remote["train"].manifest()["inputs_fingerprint"] == local["train"].manifest()["inputs_fingerprint"]
+
+
+def test_ray_data_encode_names_a_broken_image(ray_session, tmp_path):
+    from repblend.distributed.encode import image_encoder_with_ray_data
+    from repblend.stages.errors import DataError
+
+    broken = make_toy_dataset(tmp_path / "broken", n_train=6, n_dev=3, size=32)
+    victim = sorted((broken / "images").iterdir())[2]
+    victim.write_bytes(b"not a jpeg")
+    config = load_config(None, [f"data.root={broken}", f"cache.dir={tmp_path / 'c'}", *TINY,
+                                "distill.num_queries=2", "ray.data_encode=true"])
+    with pytest.raises(DataError, match=victim.name):
+        steps.encode(config, encode_images_with=image_encoder_with_ray_data(config))
+    assert not list((tmp_path / "c").glob("*.json")), "no manifest: nothing that looks like a finished cache"

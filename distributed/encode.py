@@ -1,0 +1,98 @@
+"""Image encoding with Ray Data (`ray.data_encode=true`): decoding spreads over the cluster's CPUs, the frozen
+encoder runs in an actor pool (one actor per GPU, or `ray.encode_actors` CPU actors), and the features land
+in the same cache as the in-process path. Texts are encoded by the driver (they are cheap next to images).
+
+Runs before any Tune or Train work: Ray Data needs free CPUs, and trials that hold them starve it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import ray
+import torch
+
+from repblend.distributed.cluster import ensure_ray
+from repblend.pipeline import steps
+from repblend.pipeline.config import Config
+from repblend.stages.errors import DataError
+from repblend.stages.ingest import CaptionTable, load_image
+
+log = logging.getLogger("repblend")
+
+
+def _decode(batch: dict[str, np.ndarray], *, transform, size: int) -> dict[str, np.ndarray]:
+    """Decode + preprocess; a broken image becomes an error string (named later, in index order)."""
+    pixels = np.zeros((len(batch["path"]), 3, size, size), dtype=np.float32)
+    errors = []
+    for row, path in enumerate(batch["path"]):
+        try:
+            pixels[row] = transform(load_image(str(path))).numpy()
+            errors.append("")
+        except DataError as exc:
+            errors.append(str(exc))
+        except Exception as exc:  # PIL raises many types for broken files
+            errors.append(f"{path}: cannot decode image ({exc})")
+    return {"index": batch["index"], "pixels": pixels, "error": np.array(errors, dtype=object)}
+
+
+class _ImageEncoderActor:
+    """Holds the frozen encoder (built once per actor) and encodes the decodable rows of each batch."""
+
+    def __init__(self, config: Config) -> None:
+        self.device = steps.resolve_device(config.run.device)
+        self.encoder = steps.build_image_encoder(config, self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error"] == ""
+        features = np.zeros((len(ok), self.encoder.feature_dim), dtype=np.float32)
+        if ok.any():
+            x = torch.from_numpy(batch["pixels"][ok]).to(self.device).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                        enabled=self.device.type == "cuda"):
+                features[ok] = self.encoder(x).float().cpu().numpy()
+        return {"index": batch["index"], "features": features, "error": batch["error"]}
+
+
+def image_encoder_with_ray_data(config: Config):
+    """An `encode_images_with` callable for `steps.encode` (Ray starts only when a split needs encoding)."""
+
+    def encode(table: CaptionTable, split: str) -> tuple[torch.Tensor, list[int]]:
+        ensure_ray(config.ray)
+        preprocess = steps.build_image_encoder(config, torch.device("cpu")).preprocess
+        gpus = ray.cluster_resources().get("GPU", 0)
+        actors = config.ray.encode_actors or max(1, int(gpus))
+        items = [{"index": i, "path": r.path} for i, r in enumerate(table.records)]
+        batch_size = config.encoders.image_batch_size
+        ds = ray.data.from_items(items)
+        ds = ds.map_batches(_decode, fn_kwargs={"transform": preprocess.transform(), "size": preprocess.image_size},
+                            batch_size=batch_size)
+        ds = ds.map_batches(_ImageEncoderActor, fn_constructor_kwargs={"config": config}, batch_size=batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0)
+        features = np.zeros((len(items), 0), dtype=np.float32)
+        errors = [""] * len(items)
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            if features.shape[1] == 0:
+                features = np.zeros((len(items), batch["features"].shape[1]), dtype=np.float32)
+            features[batch["index"]] = batch["features"]
+            for i, error in zip(batch["index"], batch["error"]):
+                errors[int(i)] = str(error)
+        bad = [(i, e) for i, e in enumerate(errors) if e]
+        if bad and config.data.on_error == "stop":
+            raise DataError(bad[0][1])
+        for _, error in bad:
+            warnings.warn(f"skipping image: {error}", stacklevel=2)
+        kept = [i for i, e in enumerate(errors) if not e]
+        if not kept:
+            raise DataError(f"no image could be decoded ({len(items)} tried)")
+        log.info("encode %s: %d images through Ray Data (%d encoder actor(s))", split, len(kept), actors)
+        return torch.from_numpy(features[kept]), kept
+
+    return encode
+
+
+def images_encoder_for(config: Config):
+    """What `steps.encode` should use for images: Ray Data when configured, else None (in-process)."""
+    return image_encoder_with_ray_data(config) if config.ray.enabled and config.ray.data_encode else None
