@@ -133,3 +133,18 @@ def test_ray_data_encode_names_a_broken_image(ray_session, tmp_path):
     with pytest.raises(DataError, match=victim.name):
         steps.encode(config, encode_images_with=image_encoder_with_ray_data(config))
     assert not list((tmp_path / "c").glob("*.json")), "no manifest: nothing that looks like a finished cache"
+
+
+def test_ray_data_encodes_webdataset_shards_like_local(ray_session, toy, tmp_path):
+    from repblend.distributed.encode import image_encoder_with_ray_data
+    from repblend.stages.wds import write_webdataset
+
+    folder = load_config(None, [f"data.root={toy}", *TINY])
+    write_webdataset(steps.load_table(folder), tmp_path / "shards", shard_size=10)
+    opts = [f"data.root={tmp_path / 'shards'}", "data.format=webdataset", *TINY]
+    local = steps.encode(load_config(None, [*opts, f"cache.dir={tmp_path / 'local'}"]))
+    config = load_config(None, [*opts, f"cache.dir={tmp_path / 'ray'}", "ray.data_encode=true"])
+    remote = steps.encode(config, encode_images_with=image_encoder_with_ray_data(config))
+    a, b = local["train"].load(), remote["train"].load()
+    torch.testing.assert_close(b.image_features, a.image_features, rtol=1e-3, atol=1e-3)
+    assert b.image_ids == a.image_ids
