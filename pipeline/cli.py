@@ -78,8 +78,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     run_dir = prepare_run_dir(config, args.run_dir, args.command)
     log.info("run directory: %s", run_dir)
-    if args.command == "export":
-        raise StageNotImplementedError("repblend export: the export stage is not implemented yet")
     if args.command == "tune":
         from repblend.distributed.tune import run_tune
 
@@ -101,14 +99,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     steps.check_budget(config, caches)
     # each command builds what it needs and is missing; finished work (cache, experts, checkpoints) is reused
-    if args.command in ("buffer", "distill", "run"):
+    if args.command in ("buffer", "distill", "export", "run"):
         run_experts = None
         if config.ray.enabled:
             from repblend.distributed.buffer import expert_runner
 
             run_experts = expert_runner(config, steps.buffer_dir_of(config, run_dir), caches)
         mark_stage_done(run_dir, "buffer", {"dir": str(steps.buffer(config, run_dir, caches, run_experts))})
-    if args.command in ("distill", "run"):
+    if args.command in ("distill", "export", "run"):
         if config.ray.workers:
             from repblend.distributed.train import distill_with_ray
 
@@ -119,6 +117,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("eval", "run"):
         evaluation.evaluate(config, run_dir, caches)
         mark_stage_done(run_dir, "eval", {"results": str(run_dir / "results.json")})
+    if args.command in ("export", "run"):
+        mark_stage_done(run_dir, "export", {"dir": str(steps.export(config, run_dir, caches))})
+    if args.command in ("eval", "run"):
         print((run_dir / "results.md").read_text(), end="")
     return 0
 

@@ -284,6 +284,18 @@ class TuneConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What `repblend export` writes next to the distilled safetensors."""
+
+    shard_size: int = 1000  # samples per WebDataset shard
+    nearest_captions: int = 5  # real captions listed for each synthetic text embedding
+
+    def __post_init__(self) -> None:
+        _positive("export.shard_size", self.shard_size)
+        _positive("export.nearest_captions", self.nearest_captions)
+
+
+@dataclass
 class RunConfig:
     name: str = ""  # "" = the config file's stem
     seed: int = 0
@@ -303,6 +315,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from repblend.pipeline.config import Config
+from repblend.pipeline.config import Config, to_yaml
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
 from repblend.stages.errors import ConfigError, StageNotImplementedError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
@@ -413,7 +413,7 @@ def save_synthetic(config: Config, run_dir: Path, job: DistillJob) -> Path:
     dc = config.distill
     meta = {"space": dc.space, "mode": dc.mode, "iterations": str(job.distiller.iteration),
             "seed": str(config.run.seed), "image_encoder": config.encoders.image.name,
-            "text_encoder": config.encoders.text.name}
+            "text_encoder": config.encoders.text.name, "config": to_yaml(config)}
     path = synthetic_path(run_dir)
     write_tensors(path, tensors, metadata=meta)
     return path
@@ -439,6 +439,34 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, p
         job.distiller.run(config.distill.iterations, checkpoint=checkpoint, ckpt_every=config.distill.ckpt_every,
                           on_step=on_step)
     return save_synthetic(config, run_dir, job)
+
+
+def export(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
+    """run_dir/export: the distilled set's safetensors (with its config) and WebDataset shards to publish."""
+    import shutil
+
+    from repblend.stages.export import load_distilled, shard_samples
+    from repblend.stages.io import atomic_path
+    from repblend.stages.wds import write_samples
+
+    distilled = load_distilled(synthetic_path(run_dir))
+    cpu = torch.device("cpu")
+    train = load_features(caches, config.data.train_split, cpu)
+    denormalize = build_image_encoder(config, cpu).preprocess.denormalize if distilled.pixel_space else None
+    out = run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "synthetic.safetensors") as tmp:
+        shutil.copyfile(synthetic_path(run_dir), tmp)
+    from safetensors import safe_open
+
+    with safe_open(str(synthetic_path(run_dir)), framework="pt") as f:
+        init_ids = [train.image_ids[i] for i in f.get_tensor("init_image_index").tolist()]
+    shards = write_samples(shard_samples(distilled, train.captions, train.text_features, denormalize,
+                                         k=config.export.nearest_captions, init_image_ids=init_ids),
+                           out / "shards", shard_size=config.export.shard_size, prefix="distilled")
+    log.info("export: %d pairs -> %s and %d shard(s) in %s", distilled.num_pairs, out / "synthetic.safetensors",
+             len(shards), out / "shards")
+    return out
 
 
 def _image_features(syn, encoder) -> torch.Tensor:

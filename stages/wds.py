@@ -67,23 +67,30 @@ def jpeg_bytes(path: str) -> bytes:
 
 def write_webdataset(table: CaptionTable, out_dir: str | Path, shard_size: int = 1000,
                      prefix: str = "shard") -> list[Path]:
-    """Write `table` as {prefix}-000000.tar, ...; stale shards of an earlier, larger write are removed so a
-    directory read never mixes two versions."""
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    """Write `table` as {prefix}-000000.tar, ... (jpg + json captions per image)."""
     if not table.records:
         raise DataError(f"{table.source}: nothing to write (empty table)")
+    keys = _unique_keys([r.image_id for r in table.records])
+    samples = ({"__key__": key, "jpg": jpeg_bytes(record.path),
+                "json": json.dumps({"image_id": record.image_id, "split": record.split,
+                                    "captions": list(record.captions)}, ensure_ascii=False)}
+               for key, record in zip(keys, table.records))
+    return write_samples(samples, out_dir, shard_size=shard_size, prefix=prefix)
+
+
+def write_samples(samples, out_dir: str | Path, shard_size: int = 1000, prefix: str = "shard") -> list[Path]:
+    """Write WebDataset samples (dicts with `__key__`) as {prefix}-000000.tar, ...; stale shards of an earlier,
+    larger write are removed so a directory read never mixes two versions."""
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     pattern = str(out_dir / f"{prefix}-%06d.tar")
-    keys = _unique_keys([r.image_id for r in table.records])
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0.0,
                          post=lambda fname: written.append(Path(fname))) as sink:
-        for key, record in zip(keys, table.records):
-            meta = {"image_id": record.image_id, "split": record.split, "captions": list(record.captions)}
-            sink.write({"__key__": key, "jpg": jpeg_bytes(record.path),
-                        "json": json.dumps(meta, ensure_ascii=False)})
+        for sample in samples:
+            sink.write(sample)
     _remove_stale_shards(out_dir, prefix, written)
     return written
 

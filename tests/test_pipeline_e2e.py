@@ -41,7 +41,10 @@ def test_run_end_to_end_beats_random(flickr8k_dir, tmp_path, capsys):
     assert methods["full"]["r_mean"]["mean"] > methods["random"]["r_mean"]["mean"]
 
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert set(stages) == {"encode", "buffer", "distill", "eval"}
+    assert set(stages) == {"encode", "buffer", "distill", "eval", "export"}
+    assert (run_dir / "export" / "synthetic.safetensors").read_bytes() == (
+        run_dir / "distill" / "synthetic.safetensors").read_bytes()
+    assert [p.name for p in (run_dir / "export" / "shards").glob("*.tar")] == ["distilled-000000.tar"]
     assert (run_dir / "results.md").read_text().startswith("Retrieval on dev, 49 pairs")
 
     # a second run reuses everything: cache, experts, and the finished distillation checkpoint
