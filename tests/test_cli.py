@@ -11,10 +11,10 @@ import yaml
 
 from repblend.pipeline.cli import main
 from repblend.stages.toydata import make_toy_dataset
+from tiny import TINY_ENCODERS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.image.image_size=32",
-        "encoders.text.name=tiny", "encoders.text.weights=random", "encoders.num_workers=0", "run.progress=false"]
+TINY = TINY_ENCODERS
 
 
 def test_console_script_is_installed():

@@ -10,13 +10,11 @@ from repblend.distributed.buffer import FAULT_ENV, expert_runner
 from repblend.pipeline import steps
 from repblend.pipeline.config import load_config
 from repblend.stages.toydata import make_toy_dataset
+from tiny import TINY_ENCODERS, TINY_PROBLEM
 
 pytestmark = pytest.mark.ray
 
-TINY = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.image.image_size=32",
-        "encoders.text.name=tiny", "encoders.text.weights=random", "encoders.num_workers=0", "run.progress=false",
-        "model.embed_dim=16", "buffer.num_experts=3", "buffer.train_epochs=3", "buffer.batch_size=16",
-        "distill.num_queries=8", "distill.sim_rank=2", "run.device=cpu"]
+TINY = [*TINY_ENCODERS, *TINY_PROBLEM, "buffer.num_experts=3", "run.device=cpu"]
 
 
 @pytest.fixture(scope="module")

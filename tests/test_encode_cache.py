@@ -9,9 +9,9 @@ from repblend.pipeline import steps
 from repblend.pipeline.config import load_config
 from repblend.stages.errors import CacheError, DataError
 from repblend.stages.toydata import make_toy_dataset
+from tiny import TINY_ENCODERS
 
-TINY = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.image.image_size=32",
-        "encoders.text.name=tiny", "encoders.text.weights=random", "encoders.num_workers=0", "run.progress=false"]
+TINY = TINY_ENCODERS
 
 
 @pytest.fixture()

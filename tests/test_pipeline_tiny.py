@@ -10,15 +10,10 @@ from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import load_config
 from repblend.stages.errors import ConfigError
 from repblend.stages.toydata import make_toy_dataset
+from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
 
-TINY = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.image.image_size=32",
-        "encoders.text.name=tiny", "encoders.text.weights=random", "encoders.num_workers=0", "run.progress=false",
-        "model.embed_dim=16", "buffer.num_experts=2", "buffer.train_epochs=3", "buffer.batch_size=16",
-        "distill.num_queries=8", "distill.sim_rank=2", "distill.mini_batch_size=4", "distill.syn_steps=3",
-        "distill.iterations=4", "distill.ckpt_every=2", "distill.lr_floor=0.001", "eval.num_eval=2",
-        "eval.epochs=5", "eval.full_epochs=2"]
-
-SMALL_LRS = ["distill.lr_img=0.1", "distill.lr_txt=0.1", "distill.lr_sim=0.01", "distill.lr_lr=1e-4"]
+TINY = [*TINY_ENCODERS, *TINY_PROBLEM, "distill.iterations=4", "distill.ckpt_every=2", "distill.lr_floor=0.001",
+        "eval.num_eval=2", "eval.epochs=5", "eval.full_epochs=2"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +24,7 @@ def toy(tmp_path_factory):
 @pytest.mark.parametrize("space", ["feature", "pixel"])
 def test_chain_writes_a_synthetic_set(toy, tmp_path, space):
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", f"distill.space={space}",
-                                *SMALL_LRS, *TINY])
+                                *STABLE_LRS, *TINY])
     caches = steps.encode(config)
     steps.buffer(config, tmp_path, caches)
     index = json.loads((tmp_path / "buffer" / "index.json").read_text())
@@ -86,7 +81,7 @@ def test_shared_buffer_serves_two_runs_and_refuses_other_settings(toy, tmp_path)
 
 def test_eval_every_logs_a_learning_curve(toy, tmp_path):
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature",
-                                *TINY, *SMALL_LRS, "distill.eval_every=2"])
+                                *TINY, *STABLE_LRS, "distill.eval_every=2"])
     caches = steps.encode(config)
     steps.buffer(config, tmp_path, caches)
     steps.distill(config, tmp_path, caches)
@@ -103,7 +98,7 @@ def test_pixel_init_reads_images_where_the_dataset_is_now(toy, tmp_path):
 
     first, moved = tmp_path / "first", tmp_path / "moved"
     shutil.copytree(toy, first)
-    opts = [f"cache.dir={tmp_path / 'cache'}", "distill.space=pixel", *TINY, *SMALL_LRS]
+    opts = [f"cache.dir={tmp_path / 'cache'}", "distill.space=pixel", *TINY, *STABLE_LRS]
     steps.encode(load_config(None, [f"data.root={first}", *opts]))
     shutil.move(first, moved)  # the images the cache was built from are no longer where it says
     config = load_config(None, [f"data.root={moved}", *opts])

@@ -12,14 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from repblend.stages.toydata import make_toy_dataset
+from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.image.image_size=32",
-        "encoders.text.name=tiny", "encoders.text.weights=random", "encoders.num_workers=0", "run.progress=false",
-        "model.embed_dim=16", "buffer.num_experts=2", "buffer.train_epochs=3", "buffer.batch_size=16",
-        "distill.space=feature", "distill.num_queries=8", "distill.sim_rank=2", "distill.mini_batch_size=4",
-        "distill.syn_steps=3", "distill.iterations=200", "distill.ckpt_every=10", "distill.lr_img=0.1",
-        "distill.lr_txt=0.1", "distill.lr_sim=0.01", "distill.lr_lr=1e-4", "ray.enabled=false"]
+ARGS = [*TINY_ENCODERS, *TINY_PROBLEM, "distill.space=feature", "distill.iterations=200", "distill.ckpt_every=10",
+        *STABLE_LRS, "ray.enabled=false"]
 
 
 def _command(toy: Path, cache: Path, run_dir: Path) -> list[str]:

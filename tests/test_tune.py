@@ -8,14 +8,10 @@ from repblend.distributed.tune import search_space, with_params
 from repblend.pipeline.cli import main
 from repblend.pipeline.config import load_config
 from repblend.stages.toydata import make_toy_dataset
+from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
 
-TINY = ["encoders.image.name=tiny", "encoders.image.weights=random", "encoders.image.image_size=32",
-        "encoders.text.name=tiny", "encoders.text.weights=random", "encoders.num_workers=0", "run.progress=false",
-        "model.embed_dim=16", "buffer.num_experts=2", "buffer.train_epochs=3", "buffer.batch_size=16",
-        "distill.space=feature", "distill.num_queries=8", "distill.sim_rank=2", "distill.mini_batch_size=4",
-        "distill.syn_steps=3", "distill.iterations=6", "distill.lr_img=0.1", "distill.lr_txt=0.1",
-        "distill.lr_sim=0.01", "distill.lr_lr=1e-4", "distill.lr_teacher=0.01", "eval.num_eval=2", "eval.epochs=5",
-        "run.device=cpu"]
+TINY = [*TINY_ENCODERS, *TINY_PROBLEM, "distill.space=feature", "distill.iterations=6", *STABLE_LRS,
+        "distill.lr_teacher=0.01", "eval.num_eval=2", "eval.epochs=5", "run.device=cpu"]
 
 
 def test_params_reach_the_config():
