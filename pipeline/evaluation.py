@@ -16,8 +16,9 @@ from repblend.pipeline.config import Config
 from repblend.pipeline.steps import buffer_dir_of, load_features, resolve_device
 from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
 from repblend.stages.encode import FeatureCache
-from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, retrieval_of, summarize,
-                                      train_heads)
+from repblend.stages.diagnostics import DIAGNOSTICS
+from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, retrieval_of, set_diagnostics,
+                                      summarize, train_heads)
 from repblend.stages.io import write_json, write_text
 
 log = logging.getLogger("repblend")
@@ -100,16 +101,18 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
         syn = load_file(str(synthetic_path), device=str(device))
         distilled = PairSet(syn["image_features"], syn["texts"], syn["similarity"], float(syn["syn_lr_img"]),
                             float(syn["syn_lr_txt"]))
-        methods["repblend"] = evaluate_pairs(distilled, settings, eval_features, seeds, device)
+        methods["repblend"] = evaluate_pairs(distilled, settings, eval_features, seeds, device, diagnose=True)
         init = _real_pairs(train, syn["init_caption_index"], lr0)
-        methods["init"] = evaluate_pairs(init, settings, eval_features, seeds, device)
+        methods["init"] = evaluate_pairs(init, settings, eval_features, seeds, device, diagnose=True)
     for method in config.eval.methods:
         if method in ("random", "herding", "kcenter"):
-            runs = []
+            runs, diagnostics = [], []
             for seed, caption_idx in zip(seeds, _coresets(method, train, n, seeds)):
                 pairs = _real_pairs(train, caption_idx.to(device), lr0)
-                runs.append(retrieval_of(train_heads(pairs, settings, seed, device), *eval_features, device))
-            methods[method] = summarize(runs)
+                heads = train_heads(pairs, settings, seed, device)
+                runs.append(retrieval_of(heads, *eval_features, device))
+                diagnostics.append(set_diagnostics(heads, pairs, device))
+            methods[method] = {**summarize(runs), "diagnostics": summarize(diagnostics, DIAGNOSTICS)}
         elif method == "full":
             methods["full"], notes["full"] = full_bound(config, train, evalset, device)
             expert = _best_expert(buffer_dir_of(config, run_dir))
@@ -121,7 +124,9 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                                 expert["r_mean"])
         elif method == "lors":
             notes["lors"] = "not implemented yet"
-    results = {"methods": methods, "eval_split": config.data.eval_split, "pairs": n, "seeds": seeds,
+    diagnostics = {name: metrics.pop("diagnostics") for name, metrics in methods.items() if "diagnostics" in metrics}
+    results = {"methods": methods, "diagnostics": diagnostics, "eval_split": config.data.eval_split, "pairs": n,
+               "seeds": seeds,
                "space": config.distill.space, "notes": notes,
                "protocol": {"epochs": settings.epochs, "loss": settings.loss, "momentum": settings.momentum,
                             "weight_decay": settings.weight_decay, "coreset_lr": lr0}}
@@ -138,6 +143,13 @@ def results_table(results: dict) -> str:
     for name, metrics in results["methods"].items():
         cells = [f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if results.get("diagnostics"):
+        lines += ["", f"Collapse diagnostics of each {results['pairs']}-pair training set, embedded by the heads trained "
+                  "on it (mean over seeds; sim = mean off-diagonal cosine, gap = distance of the modality means, "
+                  "erank = effective rank, probe = image-vs-text linear probe accuracy):", "",
+                  "| set | " + " | ".join(DIAGNOSTICS) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
+        for name, diag in results["diagnostics"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{diag[k]['mean']:.3g}" for k in DIAGNOSTICS) + " |")
     notes = results.get("notes", {})
     if "full" in notes:
         full = notes["full"]

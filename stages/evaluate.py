@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from repblend.stages.diagnostics import DIAGNOSTICS, collapse_diagnostics
 from repblend.stages.heads import DualHeads, heads_sgd
 from repblend.stages.losses import clip_loss, wbce_loss
 from repblend.stages.retrieval import retrieval_metrics
@@ -99,20 +100,35 @@ def retrieval_of(heads: DualHeads, image_features: torch.Tensor, text_features: 
     return retrieval_metrics(img, txt, caption_to_image.to(device))
 
 
-def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+def summarize(runs: list[dict[str, float]], keys: tuple[str, ...] = METRICS) -> dict[str, dict[str, float]]:
     """mean and (sample) std over evaluation seeds, per metric."""
     out = {}
-    for key in METRICS:
+    for key in keys:
         values = [r[key] for r in runs]
         out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     return out
 
 
+def set_diagnostics(heads: DualHeads, pairs: PairSet, device: torch.device) -> dict[str, float]:
+    """Collapse diagnostics of a training set, in the shared space of the heads trained on it."""
+    heads.eval()
+    with torch.no_grad():  # not inference_mode: the modality probe trains a classifier on these embeddings
+        img = heads.image(pairs.images.to(device).float())
+        txt = heads.text(pairs.texts.to(device).float())
+    return collapse_diagnostics(img, txt)
+
+
 def evaluate_pairs(pairs: PairSet, settings: TrainSettings, eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                   seeds: list[int], device: torch.device) -> dict[str, dict[str, float]]:
-    """Train once per seed on `pairs`, report retrieval on the eval split as mean +- std."""
-    runs = []
+                   seeds: list[int], device: torch.device, diagnose: bool = False) -> dict[str, dict]:
+    """Train once per seed on `pairs`, report retrieval on the eval split as mean +- std; with `diagnose`,
+    also the set's collapse diagnostics under the "diagnostics" key."""
+    runs, diagnostics = [], []
     for seed in seeds:
         heads = train_heads(pairs, settings, seed, device)
         runs.append(retrieval_of(heads, *eval_features, device))
-    return summarize(runs)
+        if diagnose:
+            diagnostics.append(set_diagnostics(heads, pairs, device))
+    result = summarize(runs)
+    if diagnose:
+        result["diagnostics"] = summarize(diagnostics, DIAGNOSTICS)
+    return result

@@ -42,6 +42,9 @@ def test_chain_writes_a_synthetic_set(toy, tmp_path, space):
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]
     results = evaluation.evaluate(config, tmp_path, caches)
     assert set(results["methods"]) == {"repblend", "init", "random", "herding", "kcenter", "full"}
+    assert set(results["diagnostics"]) == {"repblend", "init", "random", "herding", "kcenter"}
+    assert 0.0 <= results["diagnostics"]["repblend"]["modality_probe"]["mean"] <= 1.0
+    assert "| repblend | " in (tmp_path / "results.md").read_text().split("Collapse diagnostics")[1]
     assert results["notes"]["lors"] == "not implemented yet"
 
 
