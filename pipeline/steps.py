@@ -280,13 +280,16 @@ def initial_pairs(train, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _initial_pixels(config: Config, train, image_idx: torch.Tensor, image_encoder) -> torch.Tensor:
-    """Pixels of the chosen training images, found by image id in the dataset as it is now: the cache may
-    have been built on another machine, where the images lived elsewhere."""
+    return pixels_of(config, [train.image_ids[i] for i in image_idx.tolist()], image_encoder)
+
+
+def pixels_of(config: Config, ids: list[str], image_encoder) -> torch.Tensor:
+    """Pixels of training images found by image id in the dataset as it is now: the cache may have been
+    built on another machine, where the images lived elsewhere."""
     from repblend.stages.errors import DataError
     from repblend.stages.ingest import load_image
 
     current = {r.image_id: r.path for r in load_table(config).split(config.data.train_split).records}
-    ids = [train.image_ids[i] for i in image_idx.tolist()]
     missing = [i for i in ids if i not in current]
     if missing:
         raise DataError(f"{config.data.root}: {len(missing)} image(s) of the feature cache are not in split "

@@ -1,0 +1,131 @@
+"""`repblend report RUN_DIR`: what a run produced, as report.md plus PNG plots in RUN_DIR/report/.
+
+Reads only the run directory (results.json, distill/metrics.jsonl, distill/synthetic.safetensors), so it works
+on a copy of a run made elsewhere; parts whose inputs are missing are left out with a line saying so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from repblend.pipeline.evaluation import results_table  # noqa: E402
+from repblend.stages.errors import DataError  # noqa: E402
+from repblend.stages.io import write_text  # noqa: E402
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "distill" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_curves(rows: list[dict], out: Path) -> list[str]:
+    """Matching loss (per modality) and learned student lrs against iterations; eval recall if it was logged."""
+    its = [r["iteration"] for r in rows]
+    window = max(1, len(rows) // 60)
+    fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label, color in (("loss", "total", "C0"), ("loss_img", "image side", "C1"), ("loss_txt", "text side", "C2")):
+        values = [r[key] for r in rows]
+        loss_ax.plot(its, values, color=color, lw=0.5, alpha=0.25)
+        loss_ax.plot(its, _running_mean(values, window), color=color, lw=1.5, label=f"{label} (mean of {window})")
+    loss_ax.set(xlabel="iteration", ylabel="matching loss", yscale="log", title="trajectory matching")
+    loss_ax.legend()
+    lr_ax.plot(its, [r["syn_lr_img"] for r in rows], label="image head")
+    lr_ax.plot(its, [r["syn_lr_txt"] for r in rows], label="text head")
+    lr_ax.set(xlabel="iteration", ylabel="learned student lr", title="learned lrs")
+    lr_ax.legend()
+    names = [_save(fig, out / "curves.png")]
+    evals = [r for r in rows if "eval" in r]
+    if evals:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for key, label in (("img_r10", "IR@10"), ("txt_r10", "TR@10"), ("r_mean", "r_mean")):
+            ax.plot([r["iteration"] for r in evals], [r["eval"][key] for r in evals], marker="o", label=label)
+        ax.set(xlabel="iteration", ylabel="recall (%)", title=f"{evals[0]['eval'].get('split', 'eval')} recall, 1 seed")
+        ax.legend()
+        names.append(_save(fig, out / "recall.png"))
+    return names
+
+
+def plot_similarity(similarity: torch.Tensor, out: Path) -> str:
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    image = ax.imshow(similarity.float().numpy(), cmap="viridis")
+    fig.colorbar(image, ax=ax)
+    ax.set(title="learned soft targets S", xlabel="text", ylabel="image")
+    return _save(fig, out / "similarity.png")
+
+
+def plot_images(images: torch.Tensor, init: torch.Tensor | None, denormalize, out: Path, count: int = 8) -> str:
+    """Distilled pixels (bottom row) under the real images they started from (top row)."""
+    rows = [("initial", init), ("distilled", images)] if init is not None else [("distilled", images)]
+    count = min(count, images.shape[0])
+    fig, axes = plt.subplots(len(rows), count, figsize=(1.6 * count, 1.7 * len(rows)), squeeze=False)
+    for r, (label, batch) in enumerate(rows):
+        for c in range(count):
+            ax = axes[r][c]
+            ax.imshow(denormalize(batch[c].float()).clamp(0, 1).permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label)
+    return _save(fig, out / "images.png")
+
+
+def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
+    """Render RUN_DIR/report/report.md and its plots. `initial_pixels(index)` and `denormalize` (pixel space)
+    come from the caller, which knows the dataset and encoder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: no run directory here")
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# repblend report: {run_dir.name}", ""]
+    results_path = run_dir / "results.json"
+    if results_path.is_file():
+        lines += ["## Results", "", results_table(json.loads(results_path.read_text())), ""]
+    else:
+        lines += ["No results.json yet (run `repblend eval`).", ""]
+    rows = _metrics(run_dir)
+    if rows:
+        lines += ["## Distillation", ""] + [f"![{name}]({name})" for name in plot_curves(rows, out)] + [""]
+        last = rows[-1]
+        lines += [f"{last['iteration']} iterations; last matching loss {last['loss']:.4f} (image {last['loss_img']:.4f},"
+                  f" text {last['loss_txt']:.4f}); learned lrs {last['syn_lr_img']:.4f} / {last['syn_lr_txt']:.4f}.",
+                  ""]
+    synthetic = run_dir / "distill" / "synthetic.safetensors"
+    if synthetic.is_file():
+        from repblend.stages.export import load_distilled
+        from safetensors import safe_open
+
+        distilled = load_distilled(synthetic)
+        lines += ["## The distilled set", "", f"![similarity]({plot_similarity(distilled.similarity, out)})", ""]
+        if distilled.pixel_space and denormalize is not None:
+            with safe_open(str(synthetic), framework="pt") as f:
+                index = f.get_tensor("init_image_index")[:8]
+            init = initial_pixels(index) if initial_pixels is not None else None
+            lines += [f"![images]({plot_images(distilled.images, init, denormalize, out)})", ""]
+        elif not distilled.pixel_space:
+            lines += ["Feature space: the synthetic image side is a feature tensor, there are no pixels to show.", ""]
+    path = out / "report.md"
+    write_text(path, "\n".join(lines))
+    return path

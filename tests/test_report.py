@@ -1,0 +1,40 @@
+"""`repblend report`: tables and plots from a run directory, image grid in pixel space."""
+
+import pytest
+from PIL import Image
+
+from repblend.pipeline import evaluation, steps
+from repblend.pipeline.cli import main
+from repblend.pipeline.config import load_config
+from repblend.pipeline.rundir import mark_stage_done, prepare_run_dir
+from repblend.stages.toydata import make_toy_dataset
+from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
+
+
+@pytest.mark.parametrize("space", ["pixel", "feature"])
+def test_report_renders_tables_and_plots(tmp_path, space, capsys):
+    toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS,
+                                *TINY_PROBLEM, *STABLE_LRS, f"distill.space={space}", "distill.iterations=4",
+                                "distill.eval_every=2", "eval.num_eval=2", "eval.epochs=5", "eval.full_epochs=2"])
+    run_dir = prepare_run_dir(config, tmp_path / "run", "run")
+    caches = steps.encode(config)
+    mark_stage_done(run_dir, "encode", {split: str(c.tensors_path) for split, c in caches.items()})
+    steps.buffer(config, run_dir, caches)
+    steps.distill(config, run_dir, caches)
+    evaluation.evaluate(config, run_dir, caches)
+
+    assert main(["report", str(run_dir)]) == 0
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "| repblend |" in report and "Collapse diagnostics" in report and "4 iterations" in report
+    expected = {"curves.png", "recall.png", "similarity.png"} | ({"images.png"} if space == "pixel" else set())
+    assert {p.name for p in (run_dir / "report").glob("*.png")} == expected
+    for name in expected:
+        assert f"]({name})" in report
+        width, height = Image.open(run_dir / "report" / name).size
+        assert width > 200 and height > 100
+
+
+def test_report_of_a_missing_run_names_it(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no run directory here" in capsys.readouterr().err
