@@ -13,23 +13,14 @@ from pathlib import Path
 import ray
 
 from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.faults import die_once, forwarded
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
 from repblend.stages.encode import FeatureCache
 
 log = logging.getLogger("repblend")
 
-FAULT_ENV = "REPBLEND_FAULT_EXPERT"  # "k:marker": expert k's first attempt kills its worker (fault-injection tests)
-
-
-def _inject_fault(k: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return
-    target, marker = spec.split(":", 1)
-    if int(target) == k and not os.path.exists(marker):
-        Path(marker).touch()
-        os._exit(1)  # a dead worker, not an exception: what a preempted node or OOM kill looks like
+FAULT_ENV = "REPBLEND_FAULT_EXPERT"  # "k:marker": expert k's first attempt kills its worker (tests)
 
 
 @ray.remote
@@ -40,7 +31,7 @@ def _expert_task(config: Config, buffer_dir: str, k: int, caches: dict[str, Feat
         logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s",
                             datefmt="%H:%M:%S")
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    _inject_fault(k)
+    die_once(FAULT_ENV, k)
     return str(steps.train_expert_file(config, Path(buffer_dir), k, caches))
 
 
@@ -52,8 +43,8 @@ def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCac
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         options = {"num_cpus": config.ray.expert_cpus, "num_gpus": config.ray.expert_gpus if has_gpus else 0,
                    "max_retries": config.ray.max_retries}
-        if os.environ.get(FAULT_ENV):
-            options["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
+        if forwarded(FAULT_ENV):
+            options["runtime_env"] = forwarded(FAULT_ENV)
         pending = {_expert_task.options(**options).remote(config, str(buffer_dir), k, caches): k for k in todo}
         done = 0
         while pending:

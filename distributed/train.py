@@ -11,7 +11,6 @@ Only glue: the iteration itself is the stage's `Distiller.step`.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import ray.train.torch
 import torch
 
 from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.faults import die_once, forwarded
 from repblend.distributed.paths import absolute
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
@@ -42,15 +42,6 @@ def mean_across_workers(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
-
-
-def _inject_fault(rank: int, iteration: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec and rank == 0:
-        target, marker = spec.split(":", 1)
-        if int(target) == iteration and not os.path.exists(marker):
-            Path(marker).touch()
-            os._exit(1)
 
 
 def _state_file(rank: int) -> str:
@@ -77,7 +68,8 @@ def _train_fn(loop: dict) -> None:
             step = distiller.step()
             if on_step is not None:
                 on_step(step)
-            _inject_fault(rank, step.iteration)
+            if rank == 0:
+                die_once(FAULT_ENV, step.iteration)
             if step.iteration % dc.ckpt_every == 0 or step.iteration == dc.iterations:
                 with tempfile.TemporaryDirectory() as folder:
                     distiller.save(Path(folder) / _state_file(rank))
@@ -99,7 +91,6 @@ def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCac
     config, caches = absolute(config, caches, run_dir)
     ensure_ray(config.ray)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
     trainer = ray.train.torch.TorchTrainer(
         _train_fn,
         train_loop_config={"config": config, "run_dir": str(run_dir), "caches": caches},
@@ -108,6 +99,6 @@ def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCac
         run_config=ray.train.RunConfig(
             name="train", storage_path=str(run_dir / "distill"),
             failure_config=ray.train.FailureConfig(max_failures=config.ray.max_retries),
-            worker_runtime_env={"env_vars": env} if env else None))
+            worker_runtime_env=forwarded(FAULT_ENV)))
     trainer.fit()
     return steps.synthetic_path(run_dir)

@@ -111,7 +111,7 @@ def _trial_rows(grid, max_reports: int) -> list[dict]:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
-        rows.append({"params": {k: round(v, 4) for k, v in result.config.items()},
+        rows.append({"params": dict(result.config),  # exact: the best is rerun with these; tables round
                      "val_r_mean": metrics.get("r_mean"), "val_img_r10": metrics.get("img_r10"),
                      "val_txt_r10": metrics.get("txt_r10"), "iterations": metrics.get("iteration", 0),
                      "completed": metrics.get("training_iteration") == max_reports,

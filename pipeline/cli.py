@@ -57,36 +57,12 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
-def _pixel_sources(run_dir: Path):
-    """(initial_pixels, denormalize) for a pixel-space run's report, or (None, None) when the run's config,
-    cache or images are not at hand (the report then leaves the image grid out)."""
-    import json
-
-    import torch
-
-    from repblend.pipeline import steps
-    from repblend.pipeline.config import load_config
-
-    try:
-        config = load_config(run_dir / "config.yaml")
-        if config.distill.space != "pixel":
-            return None, None
-        encoder = steps.build_image_encoder(config, torch.device("cpu"))
-        manifest = json.loads((run_dir / "stages.json").read_text())["encode"][config.data.train_split]
-        ids = json.loads(Path(manifest).with_suffix(".json").read_text())["image_ids"]
-        return (lambda index: steps.pixels_of(config, [ids[i] for i in index.tolist()], encoder),
-                encoder.preprocess.denormalize)
-    except (RepblendError, OSError, KeyError, ValueError) as exc:
-        log.warning("report: no image grid (%s)", str(exc).splitlines()[0])
-        return None, None
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
-        from repblend.pipeline.report import write_report
+        from repblend.pipeline.report import pixel_sources, write_report
 
         run_dir = Path(args.run_dir_pos)
-        print(write_report(run_dir, *_pixel_sources(run_dir)))
+        print(write_report(run_dir, *pixel_sources(run_dir)))
         return 0
 
     from repblend.pipeline import evaluation, steps

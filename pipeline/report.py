@@ -7,6 +7,7 @@ on a copy of a run made elsewhere; parts whose inputs are missing are left out w
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -16,8 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from repblend.pipeline.evaluation import results_table  # noqa: E402
-from repblend.stages.errors import DataError  # noqa: E402
+from repblend.stages.errors import DataError, RepblendError  # noqa: E402
 from repblend.stages.io import write_text  # noqa: E402
+
+log = logging.getLogger("repblend")
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -91,6 +94,26 @@ def plot_images(images: torch.Tensor, init: torch.Tensor | None, denormalize, ou
     return _save(fig, out / "images.png")
 
 
+def pixel_sources(run_dir: Path):
+    """(initial_pixels, denormalize) for a pixel-space run's report, or (None, None) when the run's config,
+    cache or images are not at hand (the report then leaves the image grid out)."""
+    from repblend.pipeline import steps
+    from repblend.pipeline.config import load_config
+
+    try:
+        config = load_config(run_dir / "config.yaml")
+        if config.distill.space != "pixel":
+            return None, None
+        encoder = steps.build_image_encoder(config, torch.device("cpu"))
+        manifest = json.loads((run_dir / "stages.json").read_text())["encode"][config.data.train_split]
+        ids = json.loads(Path(manifest).with_suffix(".json").read_text())["image_ids"]
+        return (lambda index: steps.pixels_of(config, [ids[i] for i in index.tolist()], encoder),
+                encoder.preprocess.denormalize)
+    except (RepblendError, OSError, KeyError, ValueError) as exc:
+        log.warning("report: no image grid (%s)", str(exc).splitlines()[0])
+        return None, None
+
+
 def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
     """Render RUN_DIR/report/report.md and its plots. `initial_pixels(index)` and `denormalize` (pixel space)
     come from the caller, which knows the dataset and encoder."""
@@ -115,14 +138,11 @@ def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
     synthetic = run_dir / "distill" / "synthetic.safetensors"
     if synthetic.is_file():
         from repblend.stages.export import load_distilled
-        from safetensors import safe_open
 
         distilled = load_distilled(synthetic)
         lines += ["## The distilled set", "", f"![similarity]({plot_similarity(distilled.similarity, out)})", ""]
         if distilled.pixel_space and denormalize is not None:
-            with safe_open(str(synthetic), framework="pt") as f:
-                index = f.get_tensor("init_image_index")[:8]
-            init = initial_pixels(index) if initial_pixels is not None else None
+            init = initial_pixels(distilled.init_image_index[:8]) if initial_pixels is not None else None
             lines += [f"![images]({plot_images(distilled.images, init, denormalize, out)})", ""]
         elif not distilled.pixel_space:
             lines += ["Feature space: the synthetic image side is a feature tensor, there are no pixels to show.", ""]

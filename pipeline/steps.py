@@ -279,10 +279,6 @@ def initial_pairs(train, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return image_idx, torch.tensor(caption_idx, dtype=torch.long)
 
 
-def _initial_pixels(config: Config, train, image_idx: torch.Tensor, image_encoder) -> torch.Tensor:
-    return pixels_of(config, [train.image_ids[i] for i in image_idx.tolist()], image_encoder)
-
-
 def pixels_of(config: Config, ids: list[str], image_encoder) -> torch.Tensor:
     """Pixels of training images found by image id in the dataset as it is now: the cache may have been
     built on another machine, where the images lived elsewhere."""
@@ -343,7 +339,7 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
     encoder = None
     if dc.space == "pixel":
         encoder = build_image_encoder(config, device)
-        images = _initial_pixels(config, train, image_idx, encoder)
+        images = pixels_of(config, [train.image_ids[i] for i in image_idx.tolist()], encoder)
         if dc.pix_init == "noise":
             images = torch.randn(images.shape, generator=torch.Generator().manual_seed(config.run.seed))
     else:
@@ -460,10 +456,7 @@ def export(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "synthetic.safetensors") as tmp:
         shutil.copyfile(synthetic_path(run_dir), tmp)
-    from safetensors import safe_open
-
-    with safe_open(str(synthetic_path(run_dir)), framework="pt") as f:
-        init_ids = [train.image_ids[i] for i in f.get_tensor("init_image_index").tolist()]
+    init_ids = [train.image_ids[i] for i in distilled.init_image_index.tolist()]
     shards = write_samples(shard_samples(distilled, train.captions, train.text_features, denormalize,
                                          k=config.export.nearest_captions, init_image_ids=init_ids),
                            out / "shards", shard_size=config.export.shard_size, prefix="distilled")

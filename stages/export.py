@@ -31,6 +31,7 @@ class DistilledSet:
     similarity: torch.Tensor  # [N, N] learned soft targets
     syn_lr_img: float
     syn_lr_txt: float
+    init_image_index: torch.Tensor  # [N] the training images the pairs started from (cache order)
     metadata: dict[str, str]
 
     @property
@@ -47,7 +48,7 @@ def load_distilled(path: str | Path) -> DistilledSet:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no distilled set here")
-    needed = ("images", "image_features", "texts", "similarity", "syn_lr_img", "syn_lr_txt")
+    needed = ("images", "image_features", "texts", "similarity", "syn_lr_img", "syn_lr_txt", "init_image_index")
     with safe_open(str(path), framework="pt") as f:
         missing = [k for k in needed if k not in f.keys()]
         if missing:
@@ -55,7 +56,7 @@ def load_distilled(path: str | Path) -> DistilledSet:
         t = {k: f.get_tensor(k) for k in needed}
         metadata = dict(f.metadata() or {})
     return DistilledSet(t["images"], t["image_features"], t["texts"], t["similarity"], float(t["syn_lr_img"]),
-                        float(t["syn_lr_txt"]), metadata)
+                        float(t["syn_lr_txt"]), t["init_image_index"], metadata)
 
 
 def nearest_captions(texts: torch.Tensor, caption_features: torch.Tensor, k: int) -> torch.Tensor:
