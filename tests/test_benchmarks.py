@@ -1,0 +1,132 @@
+"""The benchmarks run at their smallest shapes and their built-in checks hold; the reference-style loop they time
+computes exactly what the fast path computes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from repblend.stages.buffer import Trajectory
+from repblend.stages.distill import DistillSettings, SyntheticSet
+from repblend.stages.distiller import Distiller, OuterSettings
+from repblend.stages.encoders import build_image_encoder
+from repblend.stages.heads import HeadSpec
+from repblend.stages.reference_loop import match_tesla_reencode
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"bench_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """Benchmarks may set torch's thread count; later tests get the process's own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+class _Counted(torch.nn.Module):
+    """The encoder, counting its forward calls."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.calls = encoder, 0
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.encoder(pixels)
+
+
+def _pixel_problem(merge: bool, blend: bool, syn_steps: int = 3):
+    """A tiny pixel-space distiller in float64 (so agreement is checked tightly) and its trajectories."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    encoder = _Counted(build_image_encoder("tiny", weights="random", image_size=8).double())
+    n, text_dim, embed = 7, 5, 4
+    syn = SyntheticSet(torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64),
+                       torch.randn(n, text_dim, generator=g, dtype=torch.float64), sim_rank=2, lr_init=0.3, generator=g)
+    with torch.no_grad():  # off the special starting point, so every gradient is generic
+        syn.sim.R.normal_(generator=g)
+    specs = (HeadSpec(32, embed, 0.1), HeadSpec(text_dim, embed, 0.1))
+    traj = Trajectory({}, {})
+    for side, spec in zip((traj.image, traj.text), specs):
+        side[0] = spec.init_flat(g, dtype=torch.float64)
+        side[1] = side[0] + 0.1 * torch.randn(side[0].shape, generator=g, dtype=torch.float64)
+    settings = DistillSettings(syn_steps=syn_steps, mini_batch_size=3, max_start_epoch=1, grad_mode="tesla",
+                               merge_loss_branches=merge, blend=blend)
+    outer = OuterSettings(lr_img=0.1, lr_txt=0.1, lr_lr=0.01, lr_sim=0.1)
+    return Distiller(syn, [traj], specs, settings, outer, seed=0, image_encoder=encoder), traj, encoder
+
+
+def _grads(d: Distiller) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in d.syn.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("merge,blend,pass1_graph", [(False, True, True), (True, True, False), (False, False, True)])
+def test_reference_loop_equals_fast_path(merge, blend, pass1_graph):
+    """Frozen encoder, no augmentation: encoding once per iteration changes the cost, not the result."""
+    d, traj, encoder = _pixel_problem(merge, blend)
+    sample = d.sample()
+    encoder.calls = 0
+    fast = d.gradients(sample)
+    fast_grads, fast_calls = _grads(d), encoder.calls
+    d.optimizer.zero_grad(set_to_none=True)
+    encoder.calls = 0
+    ref = match_tesla_reencode(encoder, d.syn, d.specs, (traj.image[0], traj.text[0]), (traj.image[1], traj.text[1]),
+                               sample.batches, d.settings, pass1_graph=pass1_graph)
+    ref_grads = _grads(d)
+    assert (fast_calls, encoder.calls) == (1, 2 * d.settings.syn_steps)
+    for name in ("loss", "loss_img", "loss_txt"):
+        torch.testing.assert_close(getattr(ref, name), getattr(fast, name), rtol=1e-12, atol=0)
+    assert set(ref_grads) == set(fast_grads) == {"images", "texts", "sim.a", "sim.L", "sim.R", "syn_lr_img",
+                                                 "syn_lr_txt"}
+    for name, grad in fast_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(ref_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_bench_distill_small(capsys):
+    figures = _load("distill").main(["--small", "--pairs", "9", "17", "--iterations", "1", "--warmup", "0",
+                                     "--syn-steps", "2", "--mini-batch", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "s/iter" in out and "speed-up" in out and out.count("reference (tesla, re-encode)") == 2
+    assert len(figures["rows"]) == 6
+    for row in figures["rows"]:
+        assert row["seconds"] > 0 and row["speedup"] > 0
+        assert row["encoder_forwards"] == (4 if row["mode"].startswith("reference") else 1)
+    for diffs in figures["agreement"].values():  # float32 on the CPU
+        assert max(diffs.values()) < 1e-4, diffs
+
+
+def test_bench_buffer_small(capsys):
+    rows = _load("buffer").main(["--small", "--images", "200", "--experts", "1", "--epochs", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "s/exp-epoch" in out and [r["shape"] for r in rows] == ["paper", "ours"]
+    assert all(r["seconds"] > 0 and r["projected_20x10"] > 0 for r in rows)
+
+
+def test_bench_run_small(capsys):
+    figures = _load("run").main(["--small", "--threads", "1", "distill.iterations=8", "buffer.train_epochs=3"])
+    out = capsys.readouterr().out
+    assert "stage" in out and "ms/iteration" in out
+    assert set(figures["stages"]) == set(figures["recorded"]) == {"encode", "buffer", "distill", "eval", "export"}
+    assert 0 < sum(figures["stages"].values()) <= figures["total"]
+    assert figures["iterations"] == 3 and figures["median_iteration_s"] > 0
+
+
+def test_bench_retrieval_small(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_retrieval.py", "--small", "--dims", "64"])
+    _load("retrieval").main()
+    out = capsys.readouterr().out
+    assert "backend" in out and "all backends identical" in out
