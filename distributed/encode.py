@@ -15,6 +15,7 @@ import ray
 import torch
 
 from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.faults import die_once, forwarded
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
 from repblend.stages.errors import DataError
@@ -22,9 +23,12 @@ from repblend.stages.ingest import CaptionTable, load_image
 
 log = logging.getLogger("repblend")
 
+FAULT_ENV = "REPBLEND_FAULT_DECODE"  # "i:marker": the decode task holding image i dies once (tests)
+
 
 def _decode(batch: dict[str, np.ndarray], *, transform, size: int) -> dict[str, np.ndarray]:
     """Decode + preprocess; a broken image becomes an error string (named later, in index order)."""
+    die_once(FAULT_ENV, int(batch["index"][0]))
     pixels = np.zeros((len(batch["path"]), 3, size, size), dtype=np.float32)
     errors = []
     for row, path in enumerate(batch["path"]):
@@ -67,8 +71,12 @@ def image_encoder_with_ray_data(config: Config):
         items = [{"index": i, "path": r.path} for i, r in enumerate(table.records)]
         batch_size = config.encoders.image_batch_size
         ds = ray.data.from_items(items)
+        # a decode task whose worker dies is rerun (R3); the actor pool restarts dead actors on its own
+        retry = {"max_retries": config.ray.max_retries}
+        if forwarded(FAULT_ENV):
+            retry["runtime_env"] = forwarded(FAULT_ENV)
         ds = ds.map_batches(_decode, fn_kwargs={"transform": preprocess.transform(), "size": preprocess.image_size},
-                            batch_size=batch_size)
+                            batch_size=batch_size, **retry)
         ds = ds.map_batches(_ImageEncoderActor, fn_constructor_kwargs={"config": config}, batch_size=batch_size,
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0)
         features = np.zeros((len(items), 0), dtype=np.float32)

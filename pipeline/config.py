@@ -32,12 +32,28 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 
 @dataclass
+class GeneratedDataConfig:
+    """data.format=generated: captioned shapes drawn on the fly (seeded), so the demo needs no download."""
+
+    train_images: int = 800
+    eval_images: int = 200
+    image_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("train_images", "eval_images", "image_size"):
+            _positive(f"data.generated.{key}", getattr(self, key))
+
+
+@dataclass
 class DataConfig:
     """Where the image-caption pairs come from."""
 
     name: str = "flickr8k"  # label for caches and reports
-    format: str = "flickr8k"  # flickr8k | karpathy | webdataset
-    root: str = ""  # dataset folder (flickr8k, karpathy) or shard pattern/folder (webdataset)
+    format: str = "flickr8k"  # flickr8k | karpathy | webdataset | generated
+    root: str = ""  # dataset folder (flickr8k, karpathy), shard pattern/folder (webdataset), or where to write
+    # the generated set (default runs/data/<name>)
+    generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
     images: str = "images"  # images folder, relative to root (flickr8k, karpathy)
     annotations: str = ""  # flickr8k: caption file (default Flickr8k.token.txt); karpathy: the JSON file
     train_split: str = "train"
@@ -49,7 +65,9 @@ class DataConfig:
     on_error: str = "stop"  # stop | skip (skip bad items with a warning)
 
     def __post_init__(self) -> None:
-        _choice("data.format", self.format, ("flickr8k", "karpathy", "webdataset"))
+        _choice("data.format", self.format, ("flickr8k", "karpathy", "webdataset", "generated"))
+        if self.format == "generated" and not self.root:
+            self.root = str(Path("runs") / "data" / self.name)
         _choice("data.on_error", self.on_error, ("stop", "skip"))
         _positive("data.max_train_images", self.max_train_images, allow_zero=True)
         _positive("data.max_eval_images", self.max_eval_images, allow_zero=True)
@@ -231,6 +249,31 @@ class EvalConfig:
 
 
 @dataclass
+class EBRConfig:
+    """Explicit basis reallocation (ALGORITHMS.md section 7) on the heads: L_sem + alpha * L_md through a GRL."""
+
+    enabled: bool = False
+    alpha: float = 0.01  # weight of the modality-discrimination loss (third-party default)
+    hidden: int = 1024  # H of the projector, decoder and discriminator MLPs
+    shared_dim: int = 512  # S, width of the shared codes g
+    apply_to: list[str] = field(default_factory=lambda: ["eval"])  # trainings that use it; only eval (see below)
+    interleave: bool = False  # alternate discriminator and encoder updates instead of the gradient-reversal layer
+    lr_scale: float = 0.1  # adapter lr relative to the heads' (the un-normalised MLPs diverge at the heads' lr)
+
+    def __post_init__(self) -> None:
+        _positive("ebr.alpha", self.alpha, allow_zero=True)
+        _positive("ebr.lr_scale", self.lr_scale)
+        _positive("ebr.hidden", self.hidden)
+        _positive("ebr.shared_dim", self.shared_dim)
+        for name in self.apply_to:
+            if name == "experts":
+                raise ConfigError("ebr.apply_to=experts is not supported: distillation replays head-only "
+                                  "trajectories with the plain loss, which experts trained through an EBR adapter "
+                                  "do not follow; use ebr.apply_to=[eval]")
+            _choice("ebr.apply_to[]", name, ("eval",))
+
+
+@dataclass
 class RayConfig:
     enabled: bool = True  # False: every stage runs in this process, no Ray started
     address: str = ""  # "" = embedded local Ray; "auto" or "ray://host:port" attaches to a cluster
@@ -301,6 +344,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # progress bars (they switch themselves off when not on a terminal)
+    tensorboard: bool = False  # also write distillation metrics to <run dir>/distill/tensorboard
 
 
 @dataclass
@@ -313,6 +357,7 @@ class Config:
     blend: BlendConfig = field(default_factory=BlendConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ebr: EBRConfig = field(default_factory=EBRConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

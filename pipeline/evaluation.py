@@ -16,6 +16,7 @@ from repblend.pipeline.config import Config
 from repblend.pipeline.steps import buffer_dir_of, load_features, resolve_device
 from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
 from repblend.stages.encode import FeatureCache
+from repblend.stages.ebr import EBRSettings
 from repblend.stages.diagnostics import DIAGNOSTICS
 from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, retrieval_of, set_diagnostics,
                                       summarize, train_heads)
@@ -28,8 +29,18 @@ def train_settings(config: Config, **changes) -> TrainSettings:
     ec = config.eval
     base = TrainSettings(embed_dim=config.model.embed_dim, dropout=config.model.dropout,
                          temperature=config.model.temperature, epochs=ec.epochs, momentum=ec.momentum,
-                         weight_decay=ec.weight_decay, batch_size=ec.batch_size, loss=ec.loss)
+                         weight_decay=ec.weight_decay, batch_size=ec.batch_size, loss=ec.loss,
+                         ebr=ebr_settings(config, "eval"))
     return dataclasses.replace(base, **changes)
+
+
+def ebr_settings(config: Config, training: str) -> EBRSettings | None:
+    """EBR for one kind of training (config ebr.apply_to), or None: then that training is exactly the plain one."""
+    ebr = config.ebr
+    if not ebr.enabled or training not in ebr.apply_to:
+        return None
+    return EBRSettings(alpha=ebr.alpha, hidden=ebr.hidden, shared_dim=ebr.shared_dim, interleave=ebr.interleave,
+                       lr_scale=ebr.lr_scale)
 
 
 def _real_pairs(train, caption_idx: torch.Tensor, lr: float) -> PairSet:
@@ -129,7 +140,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                "seeds": seeds,
                "space": config.distill.space, "notes": notes,
                "protocol": {"epochs": settings.epochs, "loss": settings.loss, "momentum": settings.momentum,
-                            "weight_decay": settings.weight_decay, "coreset_lr": lr0}}
+                            "weight_decay": settings.weight_decay, "coreset_lr": lr0,
+                            "ebr": dataclasses.asdict(settings.ebr) if settings.ebr else None}}
     write_json(run_dir / "results.json", results)
     write_text(run_dir / "results.md", results_table(results))
     return results
@@ -150,6 +162,10 @@ def results_table(results: dict) -> str:
                   "| set | " + " | ".join(DIAGNOSTICS) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
         for name, diag in results["diagnostics"].items():
             lines.append(f"| {name} | " + " | ".join(f"{diag[k]['mean']:.3g}" for k in DIAGNOSTICS) + " |")
+    ebr = results.get("protocol", {}).get("ebr")
+    if ebr:
+        lines.append(f"\nEvery row trained with EBR (alpha {ebr['alpha']}, H {ebr['hidden']}, S {ebr['shared_dim']}, "
+                     f"{'interleaved' if ebr['interleave'] else 'gradient reversal'}); recall uses decoded embeddings")
     notes = results.get("notes", {})
     if "full" in notes:
         full = notes["full"]

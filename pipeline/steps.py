@@ -18,7 +18,7 @@ import torch
 
 from repblend.pipeline.config import Config, to_yaml
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
-from repblend.stages.errors import ConfigError, StageNotImplementedError
+from repblend.stages.errors import CacheError, ConfigError, StageNotImplementedError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
 
 if TYPE_CHECKING:
@@ -50,7 +50,12 @@ def _read_table(config: Config) -> CaptionTable:
     if not data.root:
         raise ConfigError("data.root is not set: pass data.root=/path/to/dataset")
     root = Path(data.root).expanduser()
-    if data.format == "flickr8k":
+    if data.format == "generated":
+        from repblend.stages.toydata import ensure_toy_dataset
+
+        gen = data.generated
+        ensure_toy_dataset(root, n_train=gen.train_images, n_dev=gen.eval_images, size=gen.image_size, seed=gen.seed)
+    if data.format in ("flickr8k", "generated"):
         return read_flickr8k(root, images=data.images, captions=data.annotations or "Flickr8k.token.txt",
                              on_error=data.on_error)
     if data.format == "karpathy":
@@ -339,6 +344,12 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
     encoder = None
     if dc.space == "pixel":
         encoder = build_image_encoder(config, device)
+        cached_dim = train.image_features.shape[1]
+        if encoder.feature_dim != cached_dim:
+            raise CacheError(f"{caches[config.data.train_split].manifest_path}: cached image features are "
+                             f"{cached_dim}-d but encoders.image {config.encoders.image.name!r} gives "
+                             f"{encoder.feature_dim}-d (weights changed under the same path?); use "
+                             "cache.overwrite=true")
         images = pixels_of(config, [train.image_ids[i] for i in image_idx.tolist()], encoder)
         if dc.pix_init == "noise":
             images = torch.randn(images.shape, generator=torch.Generator().manual_seed(config.run.seed))
@@ -370,6 +381,25 @@ def open_metrics(path: Path, iteration: int):
     return path.open("a")
 
 
+def _tensorboard(log_dir: Path) -> Callable[[dict], None]:
+    """Mirrors each metrics.jsonl row into TensorBoard scalars (`tensorboard --logdir RUN_DIR`)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+
+    def write(record: dict) -> None:
+        step = record["iteration"]
+        for key, value in record.items():
+            if key != "iteration" and isinstance(value, (int, float)):
+                writer.add_scalar(f"distill/{key}", value, step)
+        for key, value in record.get("eval", {}).items():
+            if isinstance(value, (int, float)):
+                writer.add_scalar(f"eval/{key}", value, step)
+        writer.flush()
+
+    return write
+
+
 def step_logger(config: Config, caches: dict[str, FeatureCache], job: DistillJob, metrics, *,
                 probe_split: str | None = None, on_eval: Callable[[int, dict], None] | None = None):
     """The per-iteration callback: metrics.jsonl, progress bar, and the eval probe every distill.eval_every."""
@@ -381,6 +411,7 @@ def step_logger(config: Config, caches: dict[str, FeatureCache], job: DistillJob
                disable=None if config.run.progress else True)
     probe_split = probe_split or config.data.eval_split
     probe = _eval_probe(config, caches, probe_split, job.encoder, device) if dc.eval_every else None
+    board = _tensorboard(Path(metrics.name).parent / "tensorboard") if config.run.tensorboard else None
 
     def on_step(step) -> None:
         record = dict(step.__dict__)
@@ -392,6 +423,8 @@ def step_logger(config: Config, caches: dict[str, FeatureCache], job: DistillJob
                 on_eval(step.iteration, record["eval"])
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
+        if board is not None:
+            board(record)
         bar.update(1)
         bar.set_postfix(loss=f"{step.loss:.4f}", lr_img=f"{step.syn_lr_img:.4f}")
         if step.iteration == dc.iterations:

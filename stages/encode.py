@@ -79,6 +79,11 @@ class FeatureCache:
             img = f.get_tensor("image_features").to(device=device, dtype=dtype)
             txt = f.get_tensor("text_features").to(device=device, dtype=dtype)
             c2i = f.get_tensor("caption_to_image").to(device=device)
+        for side, feats in (("image", img), ("text", txt)):
+            want = manifest.get(f"{side}_encoder", {}).get("feature_dim")
+            if want is not None and feats.shape[1] != want:
+                raise CacheError(f"{self.tensors_path}: {side} features are {feats.shape[1]}-d but its manifest "
+                                 f"{self.manifest_path.name} says {want}-d; rebuild with cache.overwrite=true")
         return CachedFeatures(img, txt, c2i, manifest["image_ids"], manifest["captions"], manifest)
 
 

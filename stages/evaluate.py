@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from repblend.stages.diagnostics import DIAGNOSTICS, collapse_diagnostics
+from repblend.stages.ebr import EBRDualHeads, EBRSettings, ebr_param_groups, ebr_step
 from repblend.stages.heads import DualHeads, heads_sgd
 from repblend.stages.losses import clip_loss, wbce_loss
 from repblend.stages.retrieval import retrieval_metrics
@@ -34,6 +35,7 @@ class TrainSettings:
     batch_size: int = 128
     loss: str = "wbce"  # wbce | clip
     schedule: str = "step"  # step: lr x0.1 at epoch epochs//2+1 (reference) | cosine
+    ebr: EBRSettings | None = None  # explicit basis reallocation on top of the heads; None = plain heads
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class PairSet:
 
 def _batch_loss(heads: DualHeads, pairs: PairSet, idx: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
     img_emb, txt_emb = heads(pairs.images[idx], pairs.texts[idx])
+    return _embedding_loss(img_emb, txt_emb, pairs, idx, settings)
+
+
+def _embedding_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, pairs: PairSet, idx: torch.Tensor,
+                    settings: TrainSettings) -> torch.Tensor:
     logits = img_emb @ txt_emb.T / settings.temperature
     if settings.loss == "clip":
         return clip_loss(logits)
@@ -60,15 +67,21 @@ def _batch_loss(heads: DualHeads, pairs: PairSet, idx: torch.Tensor, settings: T
 
 
 def train_heads(pairs: PairSet, settings: TrainSettings, seed: int, device: torch.device,
-                on_epoch: Callable[[int, DualHeads], None] | None = None, stop_after: int | None = None) -> DualHeads:
+                on_epoch: Callable[[int, DualHeads], None] | None = None,
+                stop_after: int | None = None) -> DualHeads | EBRDualHeads:
     """Fresh heads trained on `pairs`; each epoch is a fresh shuffle in ceil(M / batch) batches.
-    `stop_after` ends training early while keeping the lr schedule of `settings.epochs`."""
+    `stop_after` ends training early while keeping the lr schedule of `settings.epochs`.
+    With `settings.ebr` the heads carry an EBR adapter (built after the heads, so they start identical)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     heads = DualHeads(pairs.images.shape[1], pairs.texts.shape[1], settings.embed_dim, settings.dropout).to(device)
     pairs = PairSet(pairs.images.to(device).float(), pairs.texts.to(device).float(),
                     None if pairs.targets is None else pairs.targets.to(device).float(), pairs.lr_img, pairs.lr_txt)
     optimizer = heads_sgd(heads, pairs.lr_img, pairs.lr_txt, settings.momentum, settings.weight_decay)
+    if settings.ebr is not None:
+        heads = EBRDualHeads(heads, settings.ebr).to(device)
+        for group in ebr_param_groups(heads.adapter, (pairs.lr_img, pairs.lr_txt), settings.ebr.lr_scale):
+            optimizer.add_param_group(group)
     if settings.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.epochs)
     else:
@@ -79,10 +92,14 @@ def train_heads(pairs: PairSet, settings: TrainSettings, seed: int, device: torc
         order = torch.randperm(m, generator=generator).to(device)
         for b in range(math.ceil(m / settings.batch_size)):
             idx = order[b * settings.batch_size:(b + 1) * settings.batch_size]
-            loss = _batch_loss(heads, pairs, idx, settings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if settings.ebr is not None:
+                ebr_step(heads, optimizer, lambda i, t: _embedding_loss(i, t, pairs, idx, settings),
+                         pairs.images[idx], pairs.texts[idx])
+            else:
+                loss = _batch_loss(heads, pairs, idx, settings)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
         scheduler.step()
         if on_epoch is not None:
             heads.eval()

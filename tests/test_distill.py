@@ -190,6 +190,32 @@ def test_divergence_stops_with_a_clear_message(tmp_path):
         distiller.run(20, checkpoint=ckpt, ckpt_every=1)
 
 
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    distiller = _tiny_distiller()
+    ckpt = tmp_path / "ckpt.pt"
+    distiller.run(4, checkpoint=ckpt, ckpt_every=2)
+    good = {k: v.clone() for k, v in distiller.syn.state_dict().items()}
+    with torch.no_grad():
+        distiller.syn.texts[0, 0] = float("nan")  # what an exploding outer step leaves behind
+    with pytest.raises(DivergenceError, match="diverged at iteration 5: matching loss nan"):
+        distiller.run(10, checkpoint=ckpt, ckpt_every=1)
+    restored = _tiny_distiller()
+    assert restored.resume(ckpt) and restored.iteration == 4
+    for name, tensor in good.items():
+        torch.testing.assert_close(restored.syn.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_same_seed_gives_the_same_set_another_seed_does_not():
+    """R4: determinism on one machine (CPU); the seed is what varies a run."""
+    runs = [_tiny_distiller(seed=s) for s in (0, 0, 1)]
+    for distiller in runs:
+        distiller.run(6)
+    same, other = runs[1].syn.state_dict(), runs[2].syn.state_dict()
+    for name, tensor in runs[0].syn.state_dict().items():
+        torch.testing.assert_close(same[name], tensor, rtol=0, atol=0)
+    assert not torch.equal(other["texts"], runs[0].syn.state_dict()["texts"])
+
+
 def test_missing_snapshots_are_refused():
     distiller = _tiny_distiller()
     short = Trajectory({0: distiller.trajectories[0].image[0]}, {0: distiller.trajectories[0].text[0]})

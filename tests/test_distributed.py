@@ -119,6 +119,22 @@ def test_ray_data_encode_equals_local_encode(ray_session, toy, tmp_path):
     assert remote["train"].manifest()["inputs_fingerprint"] == local["train"].manifest()["inputs_fingerprint"]
 
 
+def test_ray_data_encode_survives_a_dead_decode_worker(ray_session, toy, tmp_path, monkeypatch):
+    from repblend.distributed.encode import FAULT_ENV as DECODE_FAULT
+    from repblend.distributed.encode import image_encoder_with_ray_data
+
+    marker = tmp_path / "decode_killed_once"
+    monkeypatch.setenv(DECODE_FAULT, f"5:{marker}")  # the batch starting at image 5 loses its worker once
+    local = steps.encode(load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'local'}", *TINY]))
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'ray'}", *TINY, "ray.data_encode=true",
+                                "encoders.image_batch_size=5"])
+    remote = steps.encode(config, encode_images_with=image_encoder_with_ray_data(config))
+    assert marker.exists(), "the fault was not injected: the test would prove nothing"
+    a, b = local["train"].load(), remote["train"].load()
+    torch.testing.assert_close(b.image_features, a.image_features, rtol=1e-3, atol=1e-3)
+    assert b.image_ids == a.image_ids
+
+
 def test_ray_data_encode_names_a_broken_image(ray_session, tmp_path):
     from repblend.distributed.encode import image_encoder_with_ray_data
     from repblend.stages.errors import DataError

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from repblend.pipeline import steps
 from repblend.pipeline.config import load_config
 from repblend.stages.errors import DataError
-from repblend.stages.export import load_distilled
+from repblend import load_distilled  # the public entry point (repblend/__init__.py)
 from repblend.stages.toydata import make_toy_dataset
 from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
 

@@ -84,7 +84,7 @@ def test_shared_buffer_serves_two_runs_and_refuses_other_settings(toy, tmp_path)
 
 def test_eval_every_logs_a_learning_curve(toy, tmp_path):
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature",
-                                *TINY, *STABLE_LRS, "distill.eval_every=2"])
+                                *TINY, *STABLE_LRS, "distill.eval_every=2", "run.tensorboard=true"])
     caches = steps.encode(config)
     steps.buffer(config, tmp_path, caches)
     steps.distill(config, tmp_path, caches)
@@ -93,6 +93,15 @@ def test_eval_every_logs_a_learning_curve(toy, tmp_path):
     assert set(records[1]["eval"]) == {"split", "img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean"}
     assert records[1]["eval"]["split"] == "dev"
     assert 0 <= records[1]["eval"]["img_r10"] <= 100
+
+    # run.tensorboard mirrors the same numbers into event files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "distill" / "tensorboard"))
+    board.Reload()
+    losses = [(e.step, e.value) for e in board.Scalars("distill/loss")]
+    assert losses == [(r["iteration"], pytest.approx(r["loss"])) for r in records]
+    assert [e.step for e in board.Scalars("eval/r_mean")] == [2, 4]
 
 
 def test_pixel_init_reads_images_where_the_dataset_is_now(toy, tmp_path):

@@ -1,0 +1,24 @@
+"""repblend: multimodal dataset distillation (RepBlend) on Ray.
+
+The library surface a user needs without the CLI; everything else lives in `repblend.stages` (the algorithm),
+`repblend.pipeline` (config, CLI, run directory) and `repblend.distributed` (Ray glue).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["DistilledSet", "load_distilled", "__version__"]
+
+if TYPE_CHECKING:
+    from repblend.stages.export import DistilledSet, load_distilled
+
+
+def __getattr__(name: str) -> Any:
+    # lazy, so `import repblend` stays cheap and `import repblend.stages` does not drag torch in twice
+    if name in ("DistilledSet", "load_distilled"):
+        from repblend.stages import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'repblend' has no attribute {name!r}")
