@@ -92,14 +92,14 @@ def random_trajectories(specs: tuple[HeadSpec, HeadSpec], experts: int, device: 
 
 
 def build(args: argparse.Namespace, pairs: int, encoder: torch.nn.Module, trajs: list[Trajectory],
-          specs: tuple[HeadSpec, HeadSpec], grad_mode: str, device: torch.device) -> Distiller:
+          specs: tuple[HeadSpec, HeadSpec], grad_mode: str, device: torch.device, encode_chunk: int = 0) -> Distiller:
     """A fresh distiller on random pixels and texts (same seed for every mode, so the draws agree)."""
     g = torch.Generator().manual_seed(args.seed)
     images = torch.randn(pairs, 3, args.image_size, args.image_size, generator=g)
     texts = torch.randn(pairs, args.text_dim, generator=g)
     syn = SyntheticSet(images, texts, sim_rank=min(10, pairs), sim_alpha=3.0, lr_init=0.1, generator=g)
     settings = DistillSettings(syn_steps=args.syn_steps, expert_epochs=EXPERT_EPOCHS, max_start_epoch=MAX_START,
-                               mini_batch_size=args.mini_batch, grad_mode=grad_mode)
+                               mini_batch_size=args.mini_batch, grad_mode=grad_mode, encode_chunk=encode_chunk)
     # small outer lrs: random data must not diverge while being timed
     outer = OuterSettings(lr_img=1e-3, lr_txt=1e-3, lr_lr=1e-6, lr_sim=1e-3)
     return Distiller(syn, trajs, specs, settings, outer, seed=args.seed, image_encoder=encoder, device=device)
@@ -169,6 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mini-batch", type=int, default=20)
     ap.add_argument("--experts", type=int, default=2)
     ap.add_argument("--fast-modes", nargs="+", default=["tesla", "unroll"], choices=["tesla", "unroll"])
+    ap.add_argument("--encode-chunks", type=int, nargs="+", default=[0, 20],
+                    help="fast path's distill.encode_chunk values (0 = keep the whole encoder graph)")
     ap.add_argument("--ref-pass1-nograd", action="store_true", help="reference pass 1 without a graph (less memory)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 cuts noise on a shared CPU)")
@@ -212,10 +214,13 @@ def main(argv: list[str] | None = None) -> dict:
         figures["agreement"][pairs] = agreement(check, trajs, pass1_graph)
         del check
         cells = {}
-        modes = [f"fast ({m})" for m in args.fast_modes] + ["reference (tesla, re-encode)"]
-        for mode in reversed(modes):  # the reference first: every other row is compared with it
-            d = build(args, pairs, encoder, trajs, specs, "tesla" if "reference" in mode else mode[6:-1], device)
-            step = (lambda d=d: reference_step(d, trajs, pass1_graph)) if "reference" in mode else d.step
+        # (label, grad_mode, encode_chunk); None marks the reference loop
+        variants = [(f"fast ({m}{f', chunk {c}' if c else ''})", m, c) for m in args.fast_modes
+                    for c in args.encode_chunks] + [("reference (tesla, re-encode)", "tesla", None)]
+        modes = [label for label, _, _ in variants]
+        for mode, grad_mode, chunk in reversed(variants):  # the reference first: every row is compared with it
+            d = build(args, pairs, encoder, trajs, specs, grad_mode, device, chunk or 0)
+            step = (lambda d=d: reference_step(d, trajs, pass1_graph)) if chunk is None else d.step
             calls[0] = 0
             seconds, mem = measure(step, args.iterations, args.warmup, device, peak)
             cells[mode] = (seconds, mem, calls[0] / (args.iterations + args.warmup))

@@ -201,6 +201,7 @@ class DistillConfig:
     merge_loss_branches: bool = False  # COCO scripts: (img + txt) / (D_img + D_txt)
     grad_mode: str = "unroll"  # unroll (exact; faster here) | tesla (the references' constant-memory two passes)
     pix_init: str = "real"  # real | noise
+    encode_chunk: int = 0  # pixel space: 0 = keep the encoder graph of all images used; k = recompute k at a time
     ckpt_every: int = 100
     eval_every: int = 0  # log eval-split recall of the current set every N iterations (1 seed; never selects)
 
@@ -216,7 +217,7 @@ class DistillConfig:
         for key in ("num_queries", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
                     "mini_batch_size", "sim_rank", "ckpt_every"):
             _positive(f"distill.{key}", getattr(self, key))
-        for key in ("lr_img", "lr_txt", "lr_lr", "lr_sim", "lr_teacher", "eval_every"):
+        for key in ("lr_img", "lr_txt", "lr_lr", "lr_sim", "lr_teacher", "eval_every", "encode_chunk"):
             _positive(f"distill.{key}", getattr(self, key), allow_zero=True)
         if self.sim_rank > self.num_queries:
             raise ConfigError(f"distill.sim_rank={self.sim_rank} exceeds distill.num_queries={self.num_queries}")

@@ -363,7 +363,8 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
                                max_start_epoch=dc.max_start_epoch, mini_batch_size=dc.mini_batch_size,
                                temperature=config.model.temperature, loss=dc.loss,
                                merge_loss_branches=dc.merge_loss_branches, grad_mode=dc.grad_mode,
-                               blend=config.blend.enabled, beta_a=config.blend.beta_a, beta_b=config.blend.beta_b)
+                               blend=config.blend.enabled, beta_a=config.blend.beta_a, beta_b=config.blend.beta_b,
+                               encode_chunk=dc.encode_chunk)
     outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum,
                           optimizer=dc.optimizer, lr_floor=dc.lr_floor)
     distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed, image_encoder=encoder,

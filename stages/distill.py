@@ -38,6 +38,10 @@ class DistillSettings:
     blend: bool = True
     beta_a: float = 1.0
     beta_b: float = 1.0
+    # pixel space: 0 = the encoder graph of every image the iteration uses is kept until the match ends (fastest);
+    # k > 0 = encode once without a graph, then recompute and back-propagate k images at a time (one more
+    # forward, peak memory of k images' graph)
+    encode_chunk: int = 0
 
 
 @dataclass(frozen=True)

@@ -109,11 +109,29 @@ class Distiller:
         if self.image_encoder is None:
             return self.syn.images, None, None
         used = torch.unique(torch.cat([b.idx for b in batches])).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            encoded = self.image_encoder(self.syn.images[used])
+        chunk = self.settings.encode_chunk
+        if chunk:
+            with torch.no_grad():
+                encoded = torch.cat([self._encode(part) for part in used.split(chunk)])
+        else:
+            encoded = self._encode(used)
         features = encoded.new_zeros((self.syn.num_pairs, encoded.shape[1]), dtype=self.syn.texts.dtype)
         features[used] = encoded.detach().to(features.dtype)
         return features.requires_grad_(True), encoded, used
+
+    def _encode(self, idx: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.image_encoder(self.syn.images[idx])
+
+    def _backward_to_pixels(self, features: torch.Tensor, encoded: torch.Tensor, used: torch.Tensor) -> None:
+        """Carry the features' gradient through the frozen encoder to the pixels (whole, or chunk by chunk)."""
+        chunk = self.settings.encode_chunk
+        if not chunk:
+            encoded.backward(features.grad[used].to(encoded.dtype))
+            return
+        for part in used.split(chunk):  # the frozen encoder is per-image (eval mode), so chunks add up exactly
+            recomputed = self._encode(part)
+            recomputed.backward(features.grad[part].to(recomputed.dtype))
 
     def sample(self) -> Sample:
         """This rank's draw for one iteration: expert, start epoch and the student mini-batches."""
@@ -132,7 +150,7 @@ class Distiller:
         match = match_unrolled if self.settings.grad_mode == "unroll" else match_tesla
         result: MatchResult = match(features, self.syn, self.specs, start, target, sample.batches, self.settings)
         if encoded is not None:
-            encoded.backward(features.grad[used].to(encoded.dtype))
+            self._backward_to_pixels(features, encoded, used)
         return result
 
     def step(self) -> StepLog:

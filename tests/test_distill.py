@@ -147,6 +147,31 @@ def test_pixel_shortcut_equals_differentiating_through_the_encoder_every_step():
     torch.testing.assert_close(fast.texts.grad, slow.texts.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chunked_encoder_backward_equals_keeping_the_whole_graph(chunk):
+    """distill.encode_chunk trades one more encoder forward for memory; the pixel gradient must not change."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten(), torch.nn.Linear(4, D_IMG)).double()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    pixels = torch.randn(N, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for encode_chunk in (0, chunk):
+        base = _tiny_distiller()
+        syn = copy.deepcopy(base.syn).double()
+        syn.images = torch.nn.Parameter(pixels.clone())
+        settings = dataclasses.replace(base.settings, encode_chunk=encode_chunk)
+        trajectories = [Trajectory({e: t.double() for e, t in tr.image.items()},
+                                   {e: t.double() for e, t in tr.text.items()}) for tr in base.trajectories]
+        distiller = Distiller(syn, trajectories, SPECS, settings, base.outer, seed=0, image_encoder=encoder)
+        distiller.gradients(distiller.sample())
+        grads.append([p.grad.clone() for p in distiller.syn.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) >= 3
+    for whole, chunked in zip(*grads):
+        torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-13)
+
+
 def _tiny_distiller(seed=0, **outer):
     g = torch.Generator().manual_seed(0)
     img = torch.randn(40, D_IMG, generator=g)

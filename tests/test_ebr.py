@@ -17,13 +17,7 @@ from repblend.stages.losses import wbce_loss
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is 40x faster than two on a busy 2-core machine (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls (see conftest)
 
 
 def _adapter(seed=0):

@@ -9,12 +9,7 @@ from repblend.stages.missing import (fill_missing, item_split, missing_modality_
                                      substitution_order, substitution_ranking)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls (see conftest)
 
 
 def _identity_mlp(mlp: torch.nn.Sequential, d: int) -> None:
