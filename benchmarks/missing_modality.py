@@ -91,7 +91,8 @@ def main() -> None:
     for seed in range(args.seeds):
         for name, settings in (("plain", None), ("ebr", ebr)):
             start = time.perf_counter()
-            ts = TrainSettings(embed_dim=args.embed_dim, epochs=args.epochs, loss="clip", schedule="cosine", ebr=settings)
+            ts = TrainSettings(embed_dim=args.embed_dim, epochs=args.epochs, loss="clip", schedule="cosine",
+                               ebr=settings)
             model = train_heads(pairs, ts, seed, cpu)
             plain_recall.setdefault(name, []).append(retrieval_of(model, *ev, cpu)["r_mean"])
             order = None

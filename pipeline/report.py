@@ -67,7 +67,23 @@ def plot_curves(rows: list[dict], out: Path) -> list[str]:
         ax.set(xlabel="iteration", ylabel="recall (%)", title=f"{evals[0]['eval'].get('split', 'eval')} recall, 1 seed")
         ax.legend()
         names.append(_save(fig, out / "recall.png"))
+    diagnosed = [r for r in evals if "diagnostics" in r["eval"]]
+    if diagnosed:
+        names.append(plot_collapse_curve(diagnosed, out / "collapse.png"))
     return names
+
+
+def plot_collapse_curve(rows: list[dict], path: Path) -> str:
+    """Sim per modality and Gap of the set as it stands (heads trained on it, 1 seed) against iterations."""
+    its = [r["iteration"] for r in rows]
+    fig, (sim_ax, gap_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("sim_img", "image"), ("sim_txt", "text")):
+        sim_ax.plot(its, [r["eval"]["diagnostics"][key] for r in rows], marker="o", label=label)
+    sim_ax.set(xlabel="iteration", ylabel="mean off-diagonal cosine", title="intra-modal similarity (Sim)")
+    sim_ax.legend()
+    gap_ax.plot(its, [r["eval"]["diagnostics"]["gap"] for r in rows], marker="o", color="C3")
+    gap_ax.set(xlabel="iteration", ylabel="|mean(img) - mean(txt)|", title="modality gap (Gap)")
+    return _save(fig, path)
 
 
 def plot_similarity(similarity: torch.Tensor, out: Path) -> str:

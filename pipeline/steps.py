@@ -396,6 +396,8 @@ def _tensorboard(log_dir: Path) -> Callable[[dict], None]:
         for key, value in record.get("eval", {}).items():
             if isinstance(value, (int, float)):
                 writer.add_scalar(f"eval/{key}", value, step)
+        for key, value in record.get("eval", {}).get("diagnostics", {}).items():
+            writer.add_scalar(f"collapse/{key}", value, step)
         writer.flush()
 
     return write
@@ -519,11 +521,13 @@ def _eval_probe(config: Config, caches: dict[str, FeatureCache], split: str, enc
         pairs = PairSet(_image_features(syn, encoder), syn.texts.detach(), syn.sim.full().detach(),
                         float(syn.syn_lr_img.detach()), float(syn.syn_lr_txt.detach()))
         try:
-            result = evaluate_pairs(pairs, settings, eval_features, seed, device)
+            result = evaluate_pairs(pairs, settings, eval_features, seed, device, diagnose=True)
         except NonFiniteEmbeddings:  # heads trained on this set diverged: it scores nothing (Tune stops it)
             log.warning("distill: heads trained on the current set diverged; its %s recall counts as 0", split)
             return {k: 0.0 for k in METRICS} | {"diverged": True}
-        return {k: round(v["mean"], 2) for k, v in result.items()}
+        diagnostics = result.pop("diagnostics")  # collapse over iterations (issue: RepBlend's concentration curve)
+        return ({k: round(v["mean"], 2) for k, v in result.items()}
+                | {"diagnostics": {k: round(v["mean"], 4) for k, v in diagnostics.items()}})
 
     return probe
 

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_collapse_study_small(tmp_path):
     out = tmp_path / "study"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "collapse_study.py"), "--small", "--out", str(out)],
+    script = ROOT / "benchmarks" / "collapse_study.py"
+    done = subprocess.run([sys.executable, str(script), "--small", "--out", str(out)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     for arm in ("vanilla", "kd", "ebr a=0.01", "dropout", "B alone"):

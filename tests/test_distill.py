@@ -111,15 +111,20 @@ def test_blending_changes_the_student_loss_consistently():
     assert plain.item() == pytest.approx(lam1.item())
 
 
-def test_pixel_shortcut_equals_differentiating_through_the_encoder_every_step():
-    """Encoding once, cutting the graph and pushing the feature gradient back equals the reference form
-    in which each student step runs the frozen encoder on its own mini-batch."""
+def _frozen_encoder_and_pixels() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A small frozen conv encoder (float64) and N images for it: the pixel-space tests' encoder."""
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1),
                                   torch.nn.Flatten(), torch.nn.Linear(4, D_IMG)).double()
     for p in encoder.parameters():
         p.requires_grad_(False)
-    pixels = torch.randn(N, 3, 8, 8, dtype=torch.float64)
+    return encoder, torch.randn(N, 3, 8, 8, dtype=torch.float64)
+
+
+def test_pixel_shortcut_equals_differentiating_through_the_encoder_every_step():
+    """Encoding once, cutting the graph and pushing the feature gradient back equals the reference form
+    in which each student step runs the frozen encoder on its own mini-batch."""
+    encoder, pixels = _frozen_encoder_and_pixels()
     syn, start, target, batches, settings = _problem()
     syn.images = torch.nn.Parameter(pixels.clone())
 
@@ -150,12 +155,7 @@ def test_pixel_shortcut_equals_differentiating_through_the_encoder_every_step():
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_chunked_encoder_backward_equals_keeping_the_whole_graph(chunk):
     """distill.encode_chunk trades one more encoder forward for memory; the pixel gradient must not change."""
-    torch.manual_seed(0)
-    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1),
-                                  torch.nn.Flatten(), torch.nn.Linear(4, D_IMG)).double()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    pixels = torch.randn(N, 3, 8, 8, dtype=torch.float64)
+    encoder, pixels = _frozen_encoder_and_pixels()
     grads = []
     for encode_chunk in (0, chunk):
         base = _tiny_distiller()

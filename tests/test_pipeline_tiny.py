@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import load_config
+from repblend.stages.diagnostics import DIAGNOSTICS
 from repblend.stages.errors import ConfigError
 from repblend.stages.toydata import make_toy_dataset
 from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
@@ -90,7 +91,10 @@ def test_eval_every_logs_a_learning_curve(toy, tmp_path):
     steps.distill(config, tmp_path, caches)
     records = [json.loads(line) for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "eval" in r] == [2, 4]
-    assert set(records[1]["eval"]) == {"split", "img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean"}
+    assert set(records[1]["eval"]) == {"split", "img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean",
+                                       "diagnostics"}
+    assert set(records[1]["eval"]["diagnostics"]) == set(DIAGNOSTICS)
+    assert 0 <= records[1]["eval"]["diagnostics"]["gap"] <= 2  # unit vectors: the means are at most 2 apart
     assert records[1]["eval"]["split"] == "dev"
     assert 0 <= records[1]["eval"]["img_r10"] <= 100
 
@@ -102,6 +106,8 @@ def test_eval_every_logs_a_learning_curve(toy, tmp_path):
     losses = [(e.step, e.value) for e in board.Scalars("distill/loss")]
     assert losses == [(r["iteration"], pytest.approx(r["loss"])) for r in records]
     assert [e.step for e in board.Scalars("eval/r_mean")] == [2, 4]
+    assert [e.value for e in board.Scalars("collapse/gap")] == [pytest.approx(r["eval"]["diagnostics"]["gap"])
+                                                               for r in records if "eval" in r]
 
 
 def test_pixel_init_reads_images_where_the_dataset_is_now(toy, tmp_path):

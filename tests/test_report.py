@@ -27,7 +27,8 @@ def test_report_renders_tables_and_plots(tmp_path, space, capsys):
     assert main(["report", str(run_dir)]) == 0
     report = (run_dir / "report" / "report.md").read_text()
     assert "| repblend |" in report and "Collapse diagnostics" in report and "4 iterations" in report
-    expected = {"curves.png", "recall.png", "similarity.png"} | ({"images.png"} if space == "pixel" else set())
+    expected = {"curves.png", "recall.png", "collapse.png", "similarity.png"}
+    expected |= {"images.png"} if space == "pixel" else set()
     assert {p.name for p in (run_dir / "report").glob("*.png")} == expected
     for name in expected:
         assert f"]({name})" in report
