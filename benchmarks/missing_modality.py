@@ -1,8 +1,10 @@
 """Missing-modality retrieval on cached real features: zero-fill vs mean-fill vs EBR substitution.
 
-    python benchmarks/missing_modality.py                      # Flickr8k cache under runs/cache/flickr8k
+    python benchmarks/missing_modality.py                      # Flickr8k (configs/flickr8k_100.yaml's cache)
     python benchmarks/missing_modality.py --small              # a few seconds: 300 train images, 3 epochs
-    python benchmarks/missing_modality.py --train-cache runs/cache/x/train-....safetensors --eval-cache ...
+    python benchmarks/missing_modality.py --config configs/coco_100.yaml data.root=...   # any config + overrides
+
+The feature cache is the one `repblend encode --config ...` builds (reused when up to date, encoded if missing).
 
 Heads (plain, and with EBR) are trained on real training pairs (CLIP loss, cosine schedule), the EBR
 substitution ranking comes from images held out of the training split (never the reported split), and
@@ -14,30 +16,16 @@ r_mean per (model, fill) and missing rate, mean over training seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from repblend.pipeline import steps
+from repblend.pipeline.config import load_config
 from repblend.stages.ebr import EBRSettings
-from repblend.stages.encode import FeatureCache
 from repblend.stages.evaluate import PairSet, TrainSettings, retrieval_of, train_heads
 from repblend.stages.missing import SIDES, missing_modality_recall, substitution_ranking
-
-
-def find_cache(folder: Path, split: str) -> FeatureCache:
-    """The cache of `split` with the most images in `folder`."""
-    best = max(folder.glob(f"{split}-*.json"), key=lambda p: json.loads(p.read_text())["num_images"], default=None)
-    if best is None:
-        raise SystemExit(f"no {split}-*.json feature cache in {folder}; run `repblend encode` first or pass paths")
-    return FeatureCache(best.with_suffix(".safetensors"), best)
-
-
-def as_cache(path: str) -> FeatureCache:
-    p = Path(path)
-    return FeatureCache(p.with_suffix(".safetensors"), p.with_suffix(".json"))
 
 
 def split_images(features, n_val: int, n_train: int, seed: int):
@@ -54,11 +42,11 @@ def _subset(features, images: torch.Tensor):
     return features.image_features[images], features.text_features[keep], remap[features.caption_to_image[keep]]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache-dir", default="runs/cache/flickr8k")
-    ap.add_argument("--train-cache", help="train split .safetensors (default: largest in --cache-dir)")
-    ap.add_argument("--eval-cache", help="reported split .safetensors (default: largest dev in --cache-dir)")
+    ap.add_argument("--config", default="configs/flickr8k_100.yaml", help="its data and encoders pick the cache")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    default=["data.root=../shared/data/flickr8k"], help="config overrides")
     ap.add_argument("--small", action="store_true", help="300 train images, 3 epochs, 1 seed")
     ap.add_argument("--train-images", type=int, default=2000, help="training images (5 captions each); 0 = all")
     ap.add_argument("--val-images", type=int, default=300, help="held out of train for the substitution ranking")
@@ -71,13 +59,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.15, 0.3, 0.5, 1.0])
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.small:
         args.train_images, args.epochs, args.seeds = 300, 3, 1
     torch.set_num_threads(args.threads)
-    folder = Path(args.cache_dir)
-    train_cache = as_cache(args.train_cache) if args.train_cache else find_cache(folder, "train")
-    eval_cache = as_cache(args.eval_cache) if args.eval_cache else find_cache(folder, "dev")
+    config = load_config(args.config, [*args.overrides, "run.progress=false"])
+    caches = steps.encode(config)
+    train_cache, eval_cache = caches[config.data.train_split], caches[config.data.eval_split]
     train_all, evalset = train_cache.load(), eval_cache.load()
     (img, txt, c2i), val = split_images(train_all, args.val_images, args.train_images, seed=0)
     pairs = PairSet(img[c2i], txt, None, args.lr, args.lr)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # lazy, so `import repblend` stays cheap and `import repblend.stages` does not drag torch in twice
+    # lazy, so `import repblend` (and every `repblend.*` subpackage import) does not load torch and safetensors
     if name in ("DistilledSet", "load_distilled"):
         from repblend.stages import export
 

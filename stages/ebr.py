@@ -125,11 +125,14 @@ class EBRDualHeads(nn.Module):
     def codes(self, img_feats: Tensor, txt_feats: Tensor) -> tuple[Tensor, Tensor]:
         return self.adapter.encode(0, self.heads.image(img_feats)), self.adapter.encode(1, self.heads.text(txt_feats))
 
-    def forward(self, img_feats: Tensor, txt_feats: Tensor) -> tuple[Tensor, Tensor]:
-        """L2-normalised decoded embeddings, the drop-in for ``DualHeads.forward``."""
-        g_img, g_txt = self.codes(img_feats, txt_feats)
+    def embeddings(self, g_img: Tensor, g_txt: Tensor) -> tuple[Tensor, Tensor]:
+        """L2-normalised decoded embeddings of codes (what the semantic loss and retrieval see)."""
         return (F.normalize(self.adapter.decode(0, g_img), dim=-1),
                 F.normalize(self.adapter.decode(1, g_txt), dim=-1))
+
+    def forward(self, img_feats: Tensor, txt_feats: Tensor) -> tuple[Tensor, Tensor]:
+        """The drop-in for ``DualHeads.forward``."""
+        return self.embeddings(*self.codes(img_feats, txt_feats))
 
 
 def ebr_param_groups(adapter: EBRAdapter, lrs: Sequence[float], lr_scale: float = 1.0) -> list[dict]:
@@ -154,9 +157,7 @@ def ebr_step(model: EBRDualHeads, optimizer: torch.optim.Optimizer, semantic: Ca
     so the interleaved discriminator update moves psi only and the encoder update never moves psi."""
     settings, adapter = model.settings, model.adapter
     g_img, g_txt = model.codes(img_feats, txt_feats)
-    img_emb = F.normalize(adapter.decode(0, g_img), dim=-1)
-    txt_emb = F.normalize(adapter.decode(1, g_txt), dim=-1)
-    sem = semantic(img_emb, txt_emb)
+    sem = semantic(*model.embeddings(g_img, g_txt))
     if not settings.interleave:
         optimizer.zero_grad(set_to_none=True)
         (sem + settings.alpha * adapter.discrimination_loss((g_img, g_txt), reverse=True)).backward()

@@ -17,7 +17,8 @@ from repblend.stages.encoders import build_image_encoder
 from repblend.stages.heads import HeadSpec
 from repblend.stages.reference_loop import match_tesla_reencode
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def _load(name: str):
@@ -132,3 +133,21 @@ def test_bench_retrieval_small(capsys, monkeypatch):
     _load("retrieval").main()
     out = capsys.readouterr().out
     assert "backend" in out and "all backends identical" in out
+
+
+def test_missing_modality_small(tmp_path, capsys):
+    """The missing-modality table on a generated set with tiny encoders (the cache comes from the config)."""
+    from repblend.stages.toydata import make_toy_dataset
+    from tiny import TINY_ENCODERS
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
+    spec = importlib.util.spec_from_file_location("missing_modality", BENCHMARKS / "missing_modality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--small", "--train-images", "0", "--val-images", "6", "--embed-dim", "16", "--hidden", "16",
+                 "--shared-dim", "8", "--rates", "0", "1", "--config", str(ROOT / "configs/flickr8k_100.yaml"),
+                 f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS])
+    out = capsys.readouterr().out
+    for side in ("image", "text"):
+        assert f"{side} missing" in out
+    assert out.count("| ebr | ebr |") == 2 and out.count("| plain | zero |") == 2
