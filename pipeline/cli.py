@@ -105,21 +105,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("distill", "export", "run"):
         steps.check_distill(config, caches)  # refuse an impossible distillation before training any expert
     # each command builds what it needs and is missing; finished work (cache, experts, checkpoints) is reused
-    if args.command in ("buffer", "distill", "export", "run"):
-        run_experts = None
-        if config.ray.enabled:
-            from repblend.distributed.buffer import expert_runner
-
-            run_experts = expert_runner(config, steps.buffer_dir_of(config, run_dir), caches)
-        mark_stage_done(run_dir, "buffer", {"dir": str(steps.buffer(config, run_dir, caches, run_experts))})
-    if args.command in ("distill", "export", "run"):
-        if config.ray.workers:
-            from repblend.distributed.train import distill_with_ray
-
-            synthetic = distill_with_ray(config, run_dir, caches)
-        else:
-            synthetic = steps.distill(config, run_dir, caches)
-        mark_stage_done(run_dir, "distill", {"synthetic": str(synthetic)})
+    # the LoRS row of a RepBlend run is distilled the same way in <run>/lors, from its own (encoder) experts
+    lors = steps.lors_baseline(config)
+    for sub_config, sub_dir, stage in [(config, run_dir, ""), *([(lors, run_dir / "lors", "lors_")] if lors else [])]:
+        if args.command in ("buffer", "distill", "export", "run"):
+            buffer_dir = _buffer(sub_config, sub_dir, caches)
+            mark_stage_done(run_dir, f"{stage}buffer", {"dir": str(buffer_dir)})
+        if args.command in ("distill", "export", "run"):
+            mark_stage_done(run_dir, f"{stage}distill", {"synthetic": str(_distill(sub_config, sub_dir, caches))})
     if args.command in ("eval", "run"):
         evaluation.evaluate(config, run_dir, caches)
         mark_stage_done(run_dir, "eval", {"results": str(run_dir / "results.json")})
@@ -128,6 +121,27 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("eval", "run"):
         print((run_dir / "results.md").read_text(), end="")
     return 0
+
+
+def _buffer(config, run_dir: Path, caches) -> Path:
+    from repblend.pipeline import steps
+
+    run_experts = None
+    if config.ray.enabled:
+        from repblend.distributed.buffer import expert_runner
+
+        run_experts = expert_runner(config, steps.buffer_dir_of(config, run_dir), caches)
+    return steps.buffer(config, run_dir, caches, run_experts)
+
+
+def _distill(config, run_dir: Path, caches) -> Path:
+    from repblend.pipeline import steps
+
+    if config.ray.workers:
+        from repblend.distributed.train import distill_with_ray
+
+        return distill_with_ray(config, run_dir, caches)
+    return steps.distill(config, run_dir, caches)
 
 
 def main(argv: list[str] | None = None) -> int:

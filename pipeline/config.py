@@ -168,17 +168,24 @@ class BlendConfig:
     enabled: bool = True
     beta_a: float = 1.0
     beta_b: float = 1.0
+    # RepBlend's perturbation study: Gaussian noise of this strength (times the representations' RMS) added to
+    # both modalities' student inputs; with enabled=false it replaces blending. 0 = none (the method itself)
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         _positive("blend.beta_a", self.beta_a)
         _positive("blend.beta_b", self.beta_b)
+        _positive("blend.noise", self.noise, allow_zero=True)
 
 
 @dataclass
 class DistillConfig:
     """The synthetic set and its optimisation (ALGORITHMS.md sections 3-4)."""
 
-    mode: str = "repblend"  # repblend (symmetric heads matching) | lors (asymmetric: image side matches the encoder)
+    # repblend: symmetric matching of two projection heads | lors: asymmetric, the image side is the whole image
+    # encoder (pixel space only). lors keeps blend.enabled as set: the LoRS baseline itself (the "lors" row of a
+    # repblend run, distilled in <run>/lors) turns blending off; lors + blending is an ablation arm
+    mode: str = "repblend"
     space: str = "pixel"  # pixel (paper) | feature (synthetic image FEATURES, no encoder in the loop)
     num_queries: int = 99  # N synthetic pairs ("100 pairs" is 99 in the references)
     iterations: int = 3000
@@ -207,6 +214,9 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _choice("distill.mode", self.mode, ("repblend", "lors"))
+        if self.mode == "lors" and self.space == "feature":
+            raise ConfigError("distill.mode=lors trains and matches the image encoder itself, so it needs "
+                              "distill.space=pixel (feature space has no encoder)")
         _choice("distill.space", self.space, ("pixel", "feature"))
         _choice("distill.sim_type", self.sim_type, ("lowrank", "full"))
         _choice("distill.loss", self.loss, ("wbce", "clip"))

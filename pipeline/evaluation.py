@@ -6,14 +6,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
 from repblend.pipeline.config import Config
-from repblend.pipeline.steps import buffer_dir_of, load_features, resolve_device
+from repblend.pipeline.steps import (build_image_encoder, buffer_dir_of, load_features, lors_baseline,
+                                     resolve_device, split_pixels)
 from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
 from repblend.stages.encode import FeatureCache
 from repblend.stages.ebr import EBRSettings
@@ -90,6 +93,34 @@ def _best_expert(buffer_dir: Path) -> dict | None:
     return max((e["eval_recall"] for e in experts), key=lambda r: r["r_mean"], default=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How a set of one distillation mode is trained and measured on a split."""
+
+    eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image inputs, text features, caption_to_image
+    model: Callable[[], nn.Module] | None  # None: fresh heads on cached features; LoRS: encoder + text head
+    train_images: Callable[[torch.Tensor], torch.Tensor]  # image inputs of training images, by index
+
+
+def protocol(config: Config, caches: dict[str, FeatureCache], split: str, device: torch.device) -> Protocol:
+    """RepBlend sets train heads on frozen features; LoRS sets fine-tune the image encoder with a text head
+    into its feature space (the references' LoRS evaluation), so they need the split's pixels."""
+    evalset = load_features(caches, split, device)
+    train = load_features(caches, config.data.train_split, device)
+    if config.distill.mode != "lors":
+        return Protocol((evalset.image_features, evalset.text_features, evalset.caption_to_image), None,
+                        lambda idx: train.image_features[idx])
+    from repblend.stages.lors import LorsModel
+
+    encoder = build_image_encoder(config, device)
+    eval_pixels = split_pixels(config, caches, split, encoder)
+    train_pixels = split_pixels(config, caches, config.data.train_split, encoder)
+    txt_dim = evalset.text_features.shape[1]
+    return Protocol((eval_pixels, evalset.text_features, evalset.caption_to_image),
+                    lambda: LorsModel(encoder.backbone, txt_dim, encoder.feature_dim, config.model.dropout),
+                    lambda idx: train_pixels[idx.cpu()])
+
+
 def eval_seeds(config: Config) -> list[int]:
     return [config.run.seed * 1000 + 17 * j + 1 for j in range(config.eval.num_eval)]
 
@@ -105,16 +136,18 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     n = config.distill.num_queries
     lr0 = config.distill.lr_teacher
     methods, notes = {}, {}
+    own = config.distill.mode
     synthetic_path = run_dir / "distill" / "synthetic.safetensors"
     if not synthetic_path.is_file():
         log.warning("eval: no distilled set in %s yet; evaluating the baselines only", run_dir)
     else:
+        measure = protocol(config, caches, config.data.eval_split, device)
+        methods[own] = evaluate_synthetic(synthetic_path, measure, settings, seeds, device)
         syn = load_file(str(synthetic_path), device=str(device))
-        distilled = PairSet(syn["image_features"], syn["texts"], syn["similarity"], float(syn["syn_lr_img"]),
-                            float(syn["syn_lr_txt"]))
-        methods["repblend"] = evaluate_pairs(distilled, settings, eval_features, seeds, device, diagnose=True)
-        init = _real_pairs(train, syn["init_caption_index"], lr0)
-        methods["init"] = evaluate_pairs(init, settings, eval_features, seeds, device, diagnose=True)
+        init = PairSet(measure.train_images(syn["init_image_index"]), train.text_features[syn["init_caption_index"]],
+                       None, lr0, lr0)
+        methods["init"] = evaluate_pairs(init, settings, measure.eval_features, seeds, device, diagnose=True,
+                                         model=measure.model)
     for method in config.eval.methods:
         if method in ("random", "herding", "kcenter"):
             runs, diagnostics = [], []
@@ -133,8 +166,19 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                     log.warning("eval: the full-data bound (r_mean %.2f) is below the best expert (%.2f); "
                                 "widen eval.full_lrs or eval.full_epochs", methods["full"]["r_mean"]["mean"],
                                 expert["r_mean"])
-        elif method == "lors":
-            notes["lors"] = "not implemented yet"
+        elif method == "lors" and own != "lors":
+            lors = lors_baseline(config)
+            lors_path = run_dir / "lors" / "distill" / "synthetic.safetensors"
+            if lors is None:
+                notes["lors"] = ("skipped: LoRS matches the image encoder itself, which distill.space=feature does "
+                                 "not have")
+            elif not lors_path.is_file():
+                notes["lors"] = f"not distilled yet ({lors_path}; `repblend run` or `repblend distill` makes it)"
+            else:
+                measure = protocol(lors, caches, config.data.eval_split, device)
+                methods["lors"] = evaluate_synthetic(lors_path, measure, settings, seeds, device)
+                notes["lors"] = ("asymmetric matching (whole image encoder vs text head), no blending; evaluated "
+                                 "by fine-tuning the encoder with a text head, as the references evaluate LoRS")
     diagnostics = {name: metrics.pop("diagnostics") for name, metrics in methods.items() if "diagnostics" in metrics}
     results = {"methods": methods, "diagnostics": diagnostics, "eval_split": config.data.eval_split, "pairs": n,
                "seeds": seeds,
@@ -145,6 +189,15 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     write_json(run_dir / "results.json", results)
     write_text(run_dir / "results.md", results_table(results))
     return results
+
+
+def evaluate_synthetic(path: Path, measure: Protocol, settings: TrainSettings, seeds: list[int],
+                       device: torch.device) -> dict:
+    """A distilled set under its mode's protocol: trained at its learned lrs against its learned S."""
+    syn = load_file(str(path), device=str(device))
+    images = syn["images"] if measure.model is not None else syn["image_features"]
+    pairs = PairSet(images, syn["texts"], syn["similarity"], float(syn["syn_lr_img"]), float(syn["syn_lr_txt"]))
+    return evaluate_pairs(pairs, settings, measure.eval_features, seeds, device, diagnose=True, model=measure.model)
 
 
 def results_table(results: dict) -> str:

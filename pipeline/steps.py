@@ -18,7 +18,7 @@ import torch
 
 from repblend.pipeline.config import Config, to_yaml
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
-from repblend.stages.errors import CacheError, ConfigError, StageNotImplementedError
+from repblend.stages.errors import CacheError, ConfigError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
 
 if TYPE_CHECKING:
@@ -192,7 +192,10 @@ def _buffer_identity(config: Config, caches: dict[str, FeatureCache]) -> dict:
     settings = dataclasses.asdict(expert_settings(config))
     settings.pop("keep_epochs")  # checked per expert: a buffer keeping more epochs serves this run too
     fingerprint = caches[config.data.train_split].manifest()["inputs_fingerprint"]
-    return {"settings": settings, "seed": config.run.seed, "features": encoder_identity(config).key(fingerprint)}
+    identity = {"settings": settings, "seed": config.run.seed, "features": encoder_identity(config).key(fingerprint)}
+    if config.distill.mode == "lors":  # encoder experts; head buffers keep the identity they always had
+        identity["mode"] = "lors"
+    return identity
 
 
 def _check_buffer_identity(buffer_dir: Path, identity: dict) -> None:
@@ -236,10 +239,18 @@ def train_expert_file(config: Config, buffer_dir: Path, k: int, caches: dict[str
     train = load_features(caches, config.data.train_split, device)
     evalset = load_features(caches, config.data.eval_split, device)
     seed = config.run.seed * 10_000 + k
-    traj = train_expert(train.image_features, train.text_features, train.caption_to_image, settings, seed, device)
+    backbone, img_dim = None, train.image_features.shape[1]
+    train_images, eval_images = train.image_features, evalset.image_features
+    if config.distill.mode == "lors":  # the expert trains the image encoder itself, on pixels
+        encoder = build_image_encoder(config, device)
+        backbone, img_dim = encoder.backbone, encoder.feature_dim
+        train_images = split_pixels(config, caches, config.data.train_split, encoder)
+        eval_images = split_pixels(config, caches, config.data.eval_split, encoder)
+    traj = train_expert(train_images, train.text_features, train.caption_to_image, settings, seed, device,
+                        encoder=backbone, feature_dim=img_dim)
     last = max(traj.image)
-    heads = heads_at(traj, last, settings, train.image_features.shape[1], train.text_features.shape[1]).to(device)
-    recall = retrieval_of(heads, evalset.image_features, evalset.text_features, evalset.caption_to_image, device)
+    heads = heads_at(traj, last, settings, img_dim, train.text_features.shape[1], encoder=backbone).to(device)
+    recall = retrieval_of(heads, eval_images, evalset.text_features, evalset.caption_to_image, device)
     path = expert_path(buffer_dir, k)
     save_trajectory(path, traj, {"seed": seed, "epochs": sorted(traj.image), "eval_recall": recall})
     log.info("expert %d (seed %d): epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k, seed, last,
@@ -284,19 +295,40 @@ def initial_pairs(train, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return image_idx, torch.tensor(caption_idx, dtype=torch.long)
 
 
-def pixels_of(config: Config, ids: list[str], image_encoder) -> torch.Tensor:
-    """Pixels of training images found by image id in the dataset as it is now: the cache may have been
-    built on another machine, where the images lived elsewhere."""
+def pixels_of(config: Config, ids: list[str], image_encoder, split: str | None = None) -> torch.Tensor:
+    """Pixels of a split's images (default: train) found by image id in the dataset as it is now: the cache
+    may have been built on another machine, where the images lived elsewhere."""
+    from tqdm import tqdm
+
     from repblend.stages.errors import DataError
     from repblend.stages.ingest import load_image
 
-    current = {r.image_id: r.path for r in load_table(config).split(config.data.train_split).records}
+    split = split or config.data.train_split
+    current = {r.image_id: r.path for r in load_table(config).split(split).records}
     missing = [i for i in ids if i not in current]
     if missing:
         raise DataError(f"{config.data.root}: {len(missing)} image(s) of the feature cache are not in split "
-                        f"'{config.data.train_split}' (first: {missing[0]}); the cache was built from other data")
+                        f"'{split}' (first: {missing[0]}); the cache was built from other data")
     transform = image_encoder.preprocess.transform()
-    return torch.stack([transform(load_image(current[i])) for i in ids])
+    quiet = len(ids) < 500 or not config.run.progress
+    return torch.stack([transform(load_image(current[i]))
+                        for i in tqdm(ids, desc=f"pixels {split}", unit="img", disable=True if quiet else None)])
+
+
+_PIXELS: dict[tuple, torch.Tensor] = {}
+
+
+def split_pixels(config: Config, caches: dict[str, FeatureCache], split: str, image_encoder) -> torch.Tensor:
+    """Pixels of every image of a split in cache order, kept per process: the LoRS mode trains and evaluates
+    the image encoder itself, so its experts and evaluation read pixels, not cached features."""
+    cache = caches[split]
+    key = (str(cache.tensors_path), cache.tensors_path.stat().st_mtime_ns, config.encoders.image.image_size)
+    if key not in _PIXELS:
+        if len(_PIXELS) >= 2:
+            _PIXELS.pop(next(iter(_PIXELS)))
+        _PIXELS[key] = pixels_of(config, load_features(caches, split, torch.device("cpu")).image_ids, image_encoder,
+                                 split)
+    return _PIXELS[key]
 
 
 @dataclasses.dataclass
@@ -311,9 +343,17 @@ class DistillJob:
 
 def check_distill(config: Config, caches: dict[str, FeatureCache]) -> None:
     check_budget(config, caches)
-    if config.distill.mode == "lors":
-        raise StageNotImplementedError("distill.mode=lors (asymmetric matching of the whole image encoder) is not "
-                                       "implemented yet")
+
+
+def lors_baseline(config: Config) -> Config | None:
+    """The config of the LoRS row of a RepBlend run (distilled in <run>/lors): the same data, encoders and
+    hyperparameters, asymmetric matching and no blending. None when the run has no such row."""
+    if config.distill.mode != "repblend" or config.distill.space != "pixel" or "lors" not in config.eval.methods:
+        return None
+    buffer_dir = f"{config.buffer.dir.rstrip('/')}-lors" if config.buffer.dir else ""
+    return dataclasses.replace(config, distill=dataclasses.replace(config.distill, mode="lors"),
+                               blend=dataclasses.replace(config.blend, enabled=False),
+                               buffer=dataclasses.replace(config.buffer, dir=buffer_dir))
 
 
 def synthetic_path(run_dir: Path) -> Path:
@@ -334,6 +374,7 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
     from repblend.stages.buffer import head_specs, load_trajectory
     from repblend.stages.distill import DistillSettings, SyntheticSet
     from repblend.stages.distiller import Distiller, OuterSettings
+    from repblend.stages.lors import lors_specs
 
     dc = config.distill
     train = load_features(caches, config.data.train_split, device)
@@ -342,9 +383,12 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
     trajectories = [load_trajectory(buffer_dir / e["path"]) for e in index["experts"]]
     image_idx, caption_idx = initial_pairs(train, dc.num_queries, config.run.seed)
     encoder = None
+    specs = head_specs(train.image_features.shape[1], train.text_features.shape[1], expert_settings(config))
     if dc.space == "pixel":
         encoder = build_image_encoder(config, device)
         cached_dim = train.image_features.shape[1]
+        if dc.mode == "lors":  # the student's image side is the encoder itself (stages/lors.py)
+            specs = lors_specs(encoder.backbone, train.text_features.shape[1], encoder.feature_dim, config.model.dropout)
         if encoder.feature_dim != cached_dim:
             raise CacheError(f"{caches[config.data.train_split].manifest_path}: cached image features are "
                              f"{cached_dim}-d but encoders.image {config.encoders.image.name!r} gives "
@@ -358,16 +402,22 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
     texts = train.text_features[caption_idx]
     syn = SyntheticSet(images, texts, sim_type=dc.sim_type, sim_rank=dc.sim_rank, sim_alpha=dc.sim_alpha,
                        lr_init=dc.lr_teacher, generator=torch.Generator().manual_seed(config.run.seed))
-    specs = head_specs(train.image_features.shape[1], train.text_features.shape[1], expert_settings(config))
+    for spec, side in zip(specs, ("image", "text")):
+        if getattr(trajectories[0], side)[0].numel() != spec.num_params:
+            raise ConfigError(f"{buffer_dir}: the experts' {side} side has {getattr(trajectories[0], side)[0].numel()} "
+                              f"parameters, distill.mode={dc.mode} needs {spec.num_params}; the buffer was built for "
+                              "another mode or model (point buffer.dir elsewhere)")
     settings = DistillSettings(syn_steps=dc.syn_steps, expert_epochs=dc.expert_epochs,
                                max_start_epoch=dc.max_start_epoch, mini_batch_size=dc.mini_batch_size,
                                temperature=config.model.temperature, loss=dc.loss,
                                merge_loss_branches=dc.merge_loss_branches, grad_mode=dc.grad_mode,
                                blend=config.blend.enabled, beta_a=config.blend.beta_a, beta_b=config.blend.beta_b,
+                               noise=config.blend.noise,
                                encode_chunk=dc.encode_chunk)
     outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum,
                           optimizer=dc.optimizer, lr_floor=dc.lr_floor)
-    distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed, image_encoder=encoder,
+    distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed,
+                          image_encoder=encoder if dc.mode == "repblend" else None,  # LoRS: pixels go to the student
                           device=device, rank=rank, mean_across_workers=mean_across_workers)
     return DistillJob(distiller, encoder, image_idx, caption_idx)
 
@@ -509,19 +559,20 @@ def _image_features(syn, encoder) -> torch.Tensor:
 
 def _eval_probe(config: Config, caches: dict[str, FeatureCache], split: str, encoder, device: torch.device):
     """Recall of the set as it stands (one seed) on `split`: a learning curve, or Tune's score on val."""
-    from repblend.pipeline.evaluation import eval_seeds, train_settings
+    from repblend.pipeline.evaluation import eval_seeds, protocol, train_settings
     from repblend.stages.evaluate import METRICS, PairSet, evaluate_pairs
     from repblend.stages.retrieval import NonFiniteEmbeddings
 
-    evalset = load_features(caches, split, device)
-    eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
+    measure = protocol(config, caches, split, device)
     settings, seed = train_settings(config), eval_seeds(config)[:1]
 
     def probe(syn) -> dict:
-        pairs = PairSet(_image_features(syn, encoder), syn.texts.detach(), syn.sim.full().detach(),
-                        float(syn.syn_lr_img.detach()), float(syn.syn_lr_txt.detach()))
+        images = syn.images.detach() if measure.model is not None else _image_features(syn, encoder)
+        pairs = PairSet(images, syn.texts.detach(), syn.sim.full().detach(), float(syn.syn_lr_img.detach()),
+                        float(syn.syn_lr_txt.detach()))
         try:
-            result = evaluate_pairs(pairs, settings, eval_features, seed, device, diagnose=True)
+            result = evaluate_pairs(pairs, settings, measure.eval_features, seed, device, diagnose=True,
+                                    model=measure.model)
         except NonFiniteEmbeddings:  # heads trained on this set diverged: it scores nothing (Tune stops it)
             log.warning("distill: heads trained on the current set diverged; its %s recall counts as 0", split)
             return {k: 0.0 for k in METRICS} | {"diverged": True}

@@ -3,6 +3,9 @@
 The encoders are frozen, so an expert is just two small MLPs trained on two feature matrices: no JPEG
 decoding, no augmentation, no encoder forward. Only the snapshots distillation reads
 (0 .. max_start_epoch + expert_epochs) are kept unless asked otherwise.
+
+The LoRS baseline's experts (`encoder=` given) train the whole image encoder on pixels instead of an image
+head on features, and a text head into the encoder's feature space (stages/lors.py); same loop, same files.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from torch import nn
 
 from repblend.stages.heads import DualHeads, HeadSpec, heads_sgd
 from repblend.stages.io import write_json, write_tensors
@@ -47,19 +52,38 @@ def head_specs(img_dim: int, txt_dim: int, settings: ExpertSettings) -> tuple[He
             HeadSpec(txt_dim, settings.embed_dim, settings.dropout))
 
 
-def train_expert(image_features: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
-                 settings: ExpertSettings, seed: int, device: str | torch.device = "cpu") -> Trajectory:
-    """Train one expert with the symmetric CLIP loss, one sample per caption (ALGORITHMS.md section 2)."""
+def expert_model(img_dim: int, txt_dim: int, settings: ExpertSettings, generator: torch.Generator,
+                 encoder: nn.Module | None = None) -> tuple[nn.Module, tuple]:
+    """A fresh expert and the specs that flatten its two sides: heads drawn from `generator`, or (LoRS) the
+    pretrained `encoder` backbone, `img_dim` wide, with a fresh text head into its feature space."""
+    if encoder is None:
+        model = DualHeads(img_dim, txt_dim, settings.embed_dim, settings.dropout)
+        specs = head_specs(img_dim, txt_dim, settings)
+        specs[0].load_flat(model.image, specs[0].init_flat(generator))
+    else:
+        from repblend.stages.lors import LorsModel, lors_specs
+
+        model = LorsModel(encoder, txt_dim, img_dim, settings.dropout)
+        specs = lors_specs(encoder, txt_dim, img_dim, settings.dropout)
+    specs[1].load_flat(model.text, specs[1].init_flat(generator))
+    return model, specs
+
+
+def train_expert(image_inputs: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
+                 settings: ExpertSettings, seed: int, device: str | torch.device = "cpu",
+                 encoder: nn.Module | None = None, feature_dim: int | None = None) -> Trajectory:
+    """Train one expert with the symmetric CLIP loss, one sample per caption (ALGORITHMS.md section 2).
+
+    `image_inputs` are cached features, or with `encoder` (LoRS: a backbone giving `feature_dim`-d features)
+    the pixels of every image."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks inside the module
-    heads = DualHeads(image_features.shape[1], text_features.shape[1], settings.embed_dim, settings.dropout)
-    img_spec, txt_spec = head_specs(image_features.shape[1], text_features.shape[1], settings)
-    img_spec.load_flat(heads.image, img_spec.init_flat(generator))
-    txt_spec.load_flat(heads.text, txt_spec.init_flat(generator))
-    heads.to(device).train()
-    optimizer = heads_sgd(heads, settings.lr_img, settings.lr_txt, settings.momentum, settings.weight_decay)
-    img_all = image_features.to(device, torch.float32)
+    img_dim = image_inputs.shape[1] if encoder is None else feature_dim
+    model, (img_spec, txt_spec) = expert_model(img_dim, text_features.shape[1], settings, generator, encoder)
+    model.to(device).train()
+    optimizer = heads_sgd(model, settings.lr_img, settings.lr_txt, settings.momentum, settings.weight_decay)
+    img_all = image_inputs.to(device, torch.float32)
     txt_all = text_features.to(device, torch.float32)
     c2i = caption_to_image.to(device)
     keep = set(settings.keep_epochs) if settings.keep_epochs is not None else set(range(settings.epochs + 1))
@@ -67,8 +91,8 @@ def train_expert(image_features: torch.Tensor, text_features: torch.Tensor, capt
 
     def snapshot(epoch: int) -> None:
         if epoch in keep:
-            traj.image[epoch] = img_spec.flatten(heads.image).detach().cpu().clone()
-            traj.text[epoch] = txt_spec.flatten(heads.text).detach().cpu().clone()
+            traj.image[epoch] = img_spec.flatten(model.image).detach().cpu().clone()
+            traj.text[epoch] = txt_spec.flatten(model.text).detach().cpu().clone()
 
     snapshot(0)
     n = txt_all.shape[0]
@@ -78,7 +102,7 @@ def train_expert(image_features: torch.Tensor, text_features: torch.Tensor, capt
         order = torch.randperm(n, generator=generator).to(device)
         for step in range(steps):
             idx = order[step * settings.batch_size:(step + 1) * settings.batch_size]
-            img_emb, txt_emb = heads(img_all[c2i[idx]], txt_all[idx])
+            img_emb, txt_emb = model(img_all[c2i[idx]], txt_all[idx])
             loss = clip_loss(img_emb @ txt_emb.T / settings.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -89,13 +113,14 @@ def train_expert(image_features: torch.Tensor, text_features: torch.Tensor, capt
     return traj
 
 
-def heads_at(traj: Trajectory, epoch: int, settings: ExpertSettings, img_dim: int, txt_dim: int) -> DualHeads:
-    """The expert's heads as a module at one snapshot (to measure its retrieval quality)."""
-    heads = DualHeads(img_dim, txt_dim, settings.embed_dim, settings.dropout)
-    img_spec, txt_spec = head_specs(img_dim, txt_dim, settings)
-    img_spec.load_flat(heads.image, traj.image[epoch])
-    txt_spec.load_flat(heads.text, traj.text[epoch])
-    return heads.eval()
+def heads_at(traj: Trajectory, epoch: int, settings: ExpertSettings, img_dim: int, txt_dim: int,
+             encoder: nn.Module | None = None) -> nn.Module:
+    """The expert as a module at one snapshot (to measure its retrieval quality); `encoder` as in train_expert,
+    with `img_dim` its feature width."""
+    model, (img_spec, txt_spec) = expert_model(img_dim, txt_dim, settings, torch.Generator(), encoder)
+    img_spec.load_flat(model.image, traj.image[epoch])
+    txt_spec.load_flat(model.text, traj.text[epoch])
+    return model.eval()
 
 
 def expert_path(buffer_dir: Path, expert: int) -> Path:

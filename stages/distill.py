@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repblend.stages.heads import HeadSpec
+from repblend.stages.lors import EncoderSpec
 from repblend.stages.losses import FullSimilarity, LowRankSimilarity, clip_loss, wbce_loss
 
 
@@ -38,6 +39,7 @@ class DistillSettings:
     blend: bool = True
     beta_a: float = 1.0
     beta_b: float = 1.0
+    noise: float = 0.0  # perturbation study: Gaussian noise, this many times the representation's RMS (0 = none)
     # pixel space: 0 = the encoder graph of every image the iteration uses is kept until the match ends (fastest);
     # k > 0 = encode once without a graph, then recompute and back-propagate k images at a time (one more
     # forward, peak memory of k images' graph)
@@ -46,11 +48,13 @@ class DistillSettings:
 
 @dataclass(frozen=True)
 class StudentBatch:
-    """One student step's sample: indices into the synthetic set and its blending draw."""
+    """One student step's sample: indices into the synthetic set and its blending (or noise) draw."""
 
     idx: torch.Tensor
     lam: float | None  # None: no blending
     perm: torch.Tensor | None
+    noise: float = 0.0
+    noise_seed: int | None = None  # the noise is regenerated from this seed, so TESLA's pass 2 sees pass 1's
 
 
 class SyntheticSet(nn.Module):
@@ -86,11 +90,13 @@ def sample_batches(n: int, settings: DistillSettings, rng: np.random.Generator) 
         if len(pool) < settings.mini_batch_size:
             pool = pool + list(rng.permutation(n))
         idx, pool = pool[:settings.mini_batch_size], pool[settings.mini_batch_size:]
-        lam = perm = None
+        lam = perm = noise_seed = None
         if settings.blend:
             lam = float(rng.beta(settings.beta_a, settings.beta_b))
             perm = torch.from_numpy(rng.permutation(len(idx)))
-        batches.append(StudentBatch(torch.tensor(idx, dtype=torch.long), lam, perm))
+        if settings.noise > 0:
+            noise_seed = int(rng.integers(2 ** 31))
+        batches.append(StudentBatch(torch.tensor(idx, dtype=torch.long), lam, perm, settings.noise, noise_seed))
     return batches
 
 
@@ -101,10 +107,29 @@ def blend(x: torch.Tensor, lam: float | None, perm: torch.Tensor | None) -> torc
     return lam * x + (1.0 - lam) * x[perm]
 
 
-def student_loss(theta_img: torch.Tensor, theta_txt: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                 targets: torch.Tensor, img_spec: HeadSpec, txt_spec: HeadSpec, settings: DistillSettings
-                 ) -> torch.Tensor:
-    img = F.normalize(img_spec.apply_flat(theta_img, u, train=False), dim=-1)
+def represent(x: torch.Tensor, batch: StudentBatch, side: int) -> torch.Tensor:
+    """What a student step sees of one modality's representations (side 0 image, 1 text): blended with the
+    batch's draw, and in the perturbation study (ALGORITHMS.md / RepBlend's noise ablation) plus Gaussian
+    noise of strength `batch.noise` times their RMS, drawn from the batch's seed (the same in both passes)."""
+    if batch.lam is not None:
+        x = blend(x, batch.lam, batch.perm.to(x.device))
+    if batch.noise_seed is not None:
+        generator = torch.Generator(device=x.device).manual_seed(2 * batch.noise_seed + side)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + batch.noise * x.pow(2).mean().sqrt() * eps  # relative strength, part of the function
+    return x
+
+
+def student_loss(theta_img: torch.Tensor, theta_txt: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
+                 targets: torch.Tensor, img_spec: HeadSpec | EncoderSpec, txt_spec: HeadSpec,
+                 settings: DistillSettings, batch: StudentBatch | None = None) -> torch.Tensor:
+    """One student step's loss. The image side blends where its representation is made: a head's input is the
+    frozen encoder's output (blended by `_step_inputs`); an encoder student (LoRS, `blend_output`) blends its own
+    output here, with the same draw as the text side."""
+    img = img_spec.apply_flat(theta_img, x, train=False)
+    if img_spec.blend_output and batch is not None:
+        img = represent(img, batch, 0)
+    img = F.normalize(img, dim=-1)
     txt = F.normalize(txt_spec.apply_flat(theta_txt, v, train=False), dim=-1)
     logits = img @ txt.T / settings.temperature
     return wbce_loss(logits, targets) if settings.loss == "wbce" else clip_loss(logits)
@@ -119,10 +144,11 @@ class MatchResult:
     loss_txt: torch.Tensor
 
 
-def _step_inputs(features: torch.Tensor, texts: torch.Tensor, sim: nn.Module, batch: StudentBatch):
+def _step_inputs(features: torch.Tensor, texts: torch.Tensor, sim: nn.Module, batch: StudentBatch,
+                 img_spec: HeadSpec | EncoderSpec):
     idx = batch.idx.to(features.device)
-    perm = batch.perm.to(features.device) if batch.perm is not None else None
-    return blend(features[idx], batch.lam, perm), blend(texts[idx], batch.lam, perm), sim.block(idx)
+    x = features[idx] if img_spec.blend_output else represent(features[idx], batch, 0)
+    return x, represent(texts[idx], batch, 1), sim.block(idx)
 
 
 def _matching(theta_img, theta_txt, start, target, settings):
@@ -135,7 +161,7 @@ def _matching(theta_img, theta_txt, start, target, settings):
     return total, n_img / d_img, n_txt / d_txt
 
 
-def match_unrolled(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec, HeadSpec],
+def match_unrolled(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec | EncoderSpec, HeadSpec],
                    start: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor],
                    batches: list[StudentBatch], settings: DistillSettings) -> MatchResult:
     """Exact gradient: back-propagates through every student step. Gradients accumulate in
@@ -143,8 +169,8 @@ def match_unrolled(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadS
     theta_img = start[0].clone().requires_grad_(True)
     theta_txt = start[1].clone().requires_grad_(True)
     for batch in batches:
-        u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch)
-        loss = student_loss(theta_img, theta_txt, u, v, targets, *specs, settings)
+        u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch, specs[0])
+        loss = student_loss(theta_img, theta_txt, u, v, targets, *specs, settings, batch)
         g_img, g_txt = torch.autograd.grad(loss, (theta_img, theta_txt), create_graph=True)
         theta_img = theta_img - syn.syn_lr_img * g_img
         theta_txt = theta_txt - syn.syn_lr_txt * g_txt
@@ -153,7 +179,7 @@ def match_unrolled(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadS
     return MatchResult(total.detach(), l_img.detach(), l_txt.detach())
 
 
-def match_tesla(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec, HeadSpec],
+def match_tesla(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec | EncoderSpec, HeadSpec],
                 start: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor],
                 batches: list[StudentBatch], settings: DistillSettings) -> MatchResult:
     """Constant-memory form: pass 1 runs the student with detached gradients; pass 2 recomputes each
@@ -165,9 +191,9 @@ def match_tesla(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec
     for batch in batches:
         thetas.append((theta_img, theta_txt))
         with torch.no_grad():  # pass 1 needs gradients w.r.t. the student only
-            u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch)
+            u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch, specs[0])
         ti, tt = theta_img.requires_grad_(True), theta_txt.requires_grad_(True)
-        loss = student_loss(ti, tt, u, v, targets, *specs, settings)
+        loss = student_loss(ti, tt, u, v, targets, *specs, settings, batch)
         g_img, g_txt = torch.autograd.grad(loss, (ti, tt))
         sum_img += g_img
         sum_txt += g_txt
@@ -183,8 +209,8 @@ def match_tesla(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadSpec
     v_txt = lr_txt * (target[1] - start[1]) + lr_txt ** 2 * sum_txt
     for batch, (theta_img, theta_txt) in zip(batches, thetas):
         ti, tt = theta_img.detach().requires_grad_(True), theta_txt.detach().requires_grad_(True)
-        u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch)
-        loss = student_loss(ti, tt, u, v, targets, *specs, settings)
+        u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch, specs[0])
+        loss = student_loss(ti, tt, u, v, targets, *specs, settings, batch)
         g_img, g_txt = torch.autograd.grad(loss, (ti, tt), create_graph=True)
         if settings.merge_loss_branches:
             surrogate = 2 * ((v_img * g_img).sum() + (v_txt * g_txt).sum()) / (d_img + d_txt)

@@ -28,8 +28,3 @@ class EncoderError(RepblendError):
 class CacheError(RepblendError):
     """A feature cache does not match what the config asks for."""
 
-
-class StageNotImplementedError(RepblendError):
-    """A CLI command whose stage does not exist yet."""
-
-    exit_code = 3

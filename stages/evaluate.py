@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from repblend.stages.diagnostics import DIAGNOSTICS, collapse_diagnostics
 from repblend.stages.ebr import EBRDualHeads, EBRSettings, ebr_param_groups, ebr_step
@@ -68,13 +69,15 @@ def _embedding_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, pairs: PairSet
 
 def train_heads(pairs: PairSet, settings: TrainSettings, seed: int, device: torch.device,
                 on_epoch: Callable[[int, DualHeads], None] | None = None,
-                stop_after: int | None = None) -> DualHeads | EBRDualHeads:
+                stop_after: int | None = None, model: Callable[[], nn.Module] | None = None) -> nn.Module:
     """Fresh heads trained on `pairs`; each epoch is a fresh shuffle in ceil(M / batch) batches.
     `stop_after` ends training early while keeping the lr schedule of `settings.epochs`.
-    With `settings.ebr` the heads carry an EBR adapter (built after the heads, so they start identical)."""
+    With `settings.ebr` the heads carry an EBR adapter (built after the heads, so they start identical).
+    `model` builds another student with the heads' interface (LoRS: the encoder itself on pixels)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    heads = DualHeads(pairs.images.shape[1], pairs.texts.shape[1], settings.embed_dim, settings.dropout).to(device)
+    heads = (model() if model is not None else
+             DualHeads(pairs.images.shape[1], pairs.texts.shape[1], settings.embed_dim, settings.dropout)).to(device)
     pairs = PairSet(pairs.images.to(device).float(), pairs.texts.to(device).float(),
                     None if pairs.targets is None else pairs.targets.to(device).float(), pairs.lr_img, pairs.lr_txt)
     optimizer = heads_sgd(heads, pairs.lr_img, pairs.lr_txt, settings.momentum, settings.weight_decay)
@@ -136,12 +139,13 @@ def set_diagnostics(heads: DualHeads, pairs: PairSet, device: torch.device) -> d
 
 
 def evaluate_pairs(pairs: PairSet, settings: TrainSettings, eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                   seeds: list[int], device: torch.device, diagnose: bool = False) -> dict[str, dict]:
+                   seeds: list[int], device: torch.device, diagnose: bool = False,
+                   model: Callable[[], nn.Module] | None = None) -> dict[str, dict]:
     """Train once per seed on `pairs`, report retrieval on the eval split as mean +- std; with `diagnose`,
     also the set's collapse diagnostics under the "diagnostics" key."""
     runs, diagnostics = [], []
     for seed in seeds:
-        heads = train_heads(pairs, settings, seed, device)
+        heads = train_heads(pairs, settings, seed, device, model=model)
         runs.append(retrieval_of(heads, *eval_features, device))
         if diagnose:
             diagnostics.append(set_diagnostics(heads, pairs, device))

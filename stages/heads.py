@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,8 @@ class HeadSpec:
     in_dim: int
     out_dim: int
     dropout: float = 0.1
+    # a head's input is what blending mixes (an encoder student, stages/lors.py, blends its output instead)
+    blend_output: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_dims(self.in_dim, self.out_dim, self.dropout)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, _matching, blend,
+from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, _matching, represent,
                                      student_loss)
 from repblend.stages.heads import HeadSpec
 
@@ -32,9 +32,8 @@ def encode_pixels(encoder: nn.Module, pixels: torch.Tensor, dtype: torch.dtype) 
 def _step_inputs(encoder: nn.Module, syn: SyntheticSet, batch: StudentBatch):
     """One student step's blended features, texts and targets, the batch re-encoded from its pixels."""
     idx = batch.idx.to(syn.texts.device)
-    perm = batch.perm.to(idx.device) if batch.perm is not None else None
     features = encode_pixels(encoder, syn.images[idx], syn.texts.dtype)
-    return blend(features, batch.lam, perm), blend(syn.texts[idx], batch.lam, perm), syn.sim.block(idx)
+    return represent(features, batch, 0), represent(syn.texts[idx], batch, 1), syn.sim.block(idx)
 
 
 def _student_grads(encoder: nn.Module, syn: SyntheticSet, specs: tuple[HeadSpec, HeadSpec], theta: Pair,

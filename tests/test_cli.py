@@ -57,18 +57,6 @@ def test_missing_dataset_names_the_path(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_unimplemented_mode_says_so_before_any_training(tmp_path, capsys):
-    toy = make_toy_dataset(tmp_path / "toy", n_train=10, n_dev=4, size=32)
-    run_dir = tmp_path / "run"
-    code = main(["distill", "--config", str(ROOT / "configs/flickr8k_100.yaml"), f"data.root={toy}",
-                 f"cache.dir={tmp_path / 'cache'}", "--run-dir", str(run_dir), *TINY, "distill.mode=lors",
-                 "distill.num_queries=8", "distill.sim_rank=2"])
-    err = capsys.readouterr().err
-    assert code == 3
-    assert "distill.mode=lors" in err and "not implemented yet" in err
-    assert not (run_dir / "buffer").exists()
-
-
 def test_encode_records_config_versions_and_seeds(tmp_path, capsys):
     toy = make_toy_dataset(tmp_path / "toy", n_train=8, n_dev=4, size=32)
     run_dir = tmp_path / "run"

@@ -9,7 +9,7 @@ import torch
 
 from repblend.stages.buffer import ExpertSettings, Trajectory, train_expert
 from repblend.stages.distill import (DistillSettings, StudentBatch, SyntheticSet, match_tesla, match_unrolled,
-                                     sample_batches, student_loss)
+                                     represent, sample_batches, student_loss)
 from repblend.stages.distiller import DivergenceError, Distiller, OuterSettings
 from repblend.stages.heads import HeadSpec
 
@@ -50,9 +50,9 @@ def _loss_at(syn, start, target, batches, settings, name, index, delta):
     return match_unrolled(features, syn, SPECS, start, target, batches, settings).loss.item()
 
 
-@pytest.mark.parametrize("blend", [True, False])
-def test_unrolled_gradient_matches_finite_differences(blend):
-    syn, start, target, batches, settings = _problem(blend=blend)
+@pytest.mark.parametrize("variant", [{"blend": True}, {"blend": False}, {"blend": False, "noise": 0.5}])
+def test_unrolled_gradient_matches_finite_differences(variant):
+    syn, start, target, batches, settings = _problem(**variant)
     _, grads = _grads(match_unrolled, syn, start, target, batches, settings)
     rng = np.random.default_rng(1)
     eps = 1e-6
@@ -63,10 +63,11 @@ def test_unrolled_gradient_matches_finite_differences(blend):
             assert grad.reshape(-1)[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
 
 
-@pytest.mark.parametrize("merge", [False, True])
-def test_tesla_equals_unrolled_for_one_student_step(merge):
-    """With one step there are no cross-step terms to drop, so the two-pass form is exact."""
-    syn, start, target, batches, settings = _problem(syn_steps=1, merge_loss_branches=merge)
+@pytest.mark.parametrize("merge,noise", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_tesla_equals_unrolled_for_one_student_step(merge, noise):
+    """With one step there are no cross-step terms to drop, so the two-pass form is exact (with noise too:
+    pass 2 regenerates pass 1's noise from the batch's seed)."""
+    syn, start, target, batches, settings = _problem(syn_steps=1, merge_loss_branches=merge, noise=noise)
     exact_result, exact = _grads(match_unrolled, syn, start, target, batches, settings)
     tesla_result, tesla = _grads(match_tesla, syn, start, target, batches, settings)
     assert tesla_result.loss.item() == pytest.approx(exact_result.loss.item(), rel=1e-12)
@@ -84,6 +85,21 @@ def test_tesla_differs_from_unrolled_with_several_steps():
     assert not torch.allclose(tesla["texts"], exact["texts"])
     cosine = torch.nn.functional.cosine_similarity(tesla["texts"].flatten(), exact["texts"].flatten(), dim=0)
     assert cosine > 0.5
+
+
+def test_noise_perturbation_is_seeded_and_scaled_by_the_representations_rms():
+    settings = DistillSettings(syn_steps=4, mini_batch_size=4, blend=False, noise=0.3)
+    batches = sample_batches(N, settings, np.random.default_rng(5))
+    again = sample_batches(N, settings, np.random.default_rng(5))
+    assert [b.noise_seed for b in batches] == [b.noise_seed for b in again] and len({b.noise_seed for b in batches}) == 4
+    assert all(b.noise_seed is None for b in sample_batches(N, DistillSettings(syn_steps=2, mini_batch_size=4),
+                                                            np.random.default_rng(5)))
+    x = 3.0 * torch.randn(2000, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    image, text = represent(x, batches[0], 0), represent(x, batches[0], 1)
+    torch.testing.assert_close(represent(x, batches[0], 0), image)  # regenerated, not redrawn
+    assert not torch.allclose(image, text)  # each modality its own noise
+    ratio = (image - x).std() / x.pow(2).mean().sqrt()
+    assert ratio.item() == pytest.approx(0.3, rel=0.02)
 
 
 def test_blending_shares_lambda_and_permutation_across_modalities():

@@ -1,0 +1,107 @@
+"""The LoRS baseline's student: the image side is the whole image encoder, the text side a projection head.
+
+LoRS (and MTT-VL) train and match the full image encoder (NFNet-l0 there) on the image side against the text
+projection head on the other ("asymmetric" matching); RepBlend matches two projection heads on frozen encoders.
+To compare the two under one implementation, the encoder gets the same functional, flat-parameter form as the
+heads (`EncoderSpec.apply_flat`), so the distillation and expert code serve both modes unchanged.
+
+The encoder always runs in eval mode: BatchNorm uses its pretrained statistics and only the weights train, so a
+student step is a pure function of its parameter vector (NFNet, the references' encoder, has no BatchNorm; here
+EfficientNet-Lite0 has, and updating running statistics inside unrolled student steps would make them stateful).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from repblend.stages.heads import HeadSpec, ProjectionHead
+
+
+class EncoderSpec:
+    """Flat-parameter form of an image backbone: views of one vector, applied with `functional_call`.
+
+    The backbone module itself is never modified: its parameters are replaced for the call only, and its
+    buffers (BatchNorm statistics) are read as they are.
+    """
+
+    blend_output = True  # blending acts on what the encoder outputs (RepBlend blends encoder outputs too)
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self.backbone = backbone.eval()
+        params = list(backbone.named_parameters())
+        self.names = [name for name, _ in params]
+        self.shapes = [tuple(p.shape) for _, p in params]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.num_params = sum(self.sizes)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        if flat.dim() != 1 or flat.shape[0] != self.num_params:
+            raise ValueError(f"flat encoder parameters must be a 1-D tensor of {self.num_params} values, "
+                             f"got shape {tuple(flat.shape)}")
+        return {name: part.view(shape)
+                for name, part, shape in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def flatten(self, module: nn.Module) -> Tensor:
+        """A detached copy of `module`'s parameters (the backbone or a `FineTunedEncoder` of it) in flat order."""
+        params = dict(_backbone_of(module).named_parameters())
+        return torch.cat([params[name].detach().reshape(-1) for name in self.names])
+
+    @torch.no_grad()
+    def load_flat(self, module: nn.Module, flat: Tensor) -> nn.Module:
+        params = dict(_backbone_of(module).named_parameters())
+        for name, view in self.unflatten(flat.detach()).items():
+            params[name].copy_(view)
+        return module
+
+    def apply_flat(self, flat: Tensor, x: Tensor, *, train: bool = False, generator=None) -> Tensor:
+        """Encoder features of pixels `x` with parameters `flat`; differentiable in both (also twice)."""
+        del train, generator  # eval mode always (see the module docstring)
+        return functional_call(self.backbone, self.unflatten(flat), (x,))
+
+
+class FineTunedEncoder(nn.Module):
+    """A trainable copy of a frozen backbone that stays in eval mode (BatchNorm statistics fixed)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(backbone)
+        for p in self.backbone.parameters():
+            p.requires_grad_(True)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "FineTunedEncoder":  # noqa: D401 - nn.Module API
+        """Stays in eval mode: see the module docstring."""
+        return super().train(False)
+
+    def forward(self, pixels: Tensor, chunk: int = 256) -> Tensor:
+        if torch.is_grad_enabled() or pixels.shape[0] <= chunk:
+            return self.backbone(pixels)
+        return torch.cat([self.backbone(part) for part in pixels.split(chunk)])  # inference over a whole split
+
+
+class LorsModel(nn.Module):
+    """The LoRS student as a module: image embedding = encoder features, text embedding = head(text features).
+    Same interface as `DualHeads` (`.image`, `.text`, forward -> L2-normalised embeddings)."""
+
+    def __init__(self, backbone: nn.Module, txt_dim: int, feature_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.image = FineTunedEncoder(backbone)
+        self.text = ProjectionHead(txt_dim, feature_dim, dropout)
+
+    def forward(self, pixels: Tensor, txt_feats: Tensor) -> tuple[Tensor, Tensor]:
+        return F.normalize(self.image(pixels), dim=-1), F.normalize(self.text(txt_feats), dim=-1)
+
+
+def _backbone_of(module: nn.Module) -> nn.Module:
+    return module.backbone if isinstance(module, FineTunedEncoder) else module
+
+
+def lors_specs(backbone: nn.Module, txt_dim: int, feature_dim: int, dropout: float) -> tuple[EncoderSpec, HeadSpec]:
+    """Image side: the whole encoder; text side: a head into the encoder's feature space (no image head)."""
+    return EncoderSpec(backbone), HeadSpec(txt_dim, feature_dim, dropout)

@@ -1,0 +1,203 @@
+"""LoRS mode: the image side of the student is the whole encoder (functional form, gradients, experts, pipeline)."""
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from repblend.pipeline.cli import main
+from repblend.pipeline.config import load_config
+from repblend.stages.buffer import ExpertSettings, heads_at, train_expert
+from repblend.stages.distill import (DistillSettings, SyntheticSet, match_tesla, match_unrolled, sample_batches,
+                                     student_loss)
+from repblend.stages.errors import ConfigError
+from repblend.stages.heads import HeadSpec
+from repblend.stages.lors import EncoderSpec, LorsModel, lors_specs
+from repblend.stages.toydata import make_toy_dataset
+from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
+
+ROOT = Path(__file__).resolve().parents[1]
+N, D_TXT, SIZE = 6, 5, 8
+
+
+class TinyEncoder(torch.nn.Module):
+    """Conv + BatchNorm (eval statistics, non-trivial) + pooling: the parts a real backbone has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 6)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.gelu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def _encoder(dtype=torch.float64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return TinyEncoder().to(dtype).eval()
+
+
+def test_flat_encoder_equals_the_module_and_round_trips():
+    encoder = _encoder()
+    spec = EncoderSpec(encoder)
+    assert spec.num_params == sum(p.numel() for p in encoder.parameters())
+    x = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64)
+    flat = spec.flatten(encoder)
+    torch.testing.assert_close(spec.apply_flat(flat, x), encoder(x), rtol=0, atol=0)
+    other = torch.randn_like(flat)
+    copy_ = spec.load_flat(copy.deepcopy(encoder), other)
+    torch.testing.assert_close(spec.flatten(copy_), other, rtol=0, atol=0)
+    torch.testing.assert_close(spec.apply_flat(other, x), copy_(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"1-D tensor of {spec.num_params} values"):
+        spec.apply_flat(flat[:-1], x)
+
+
+def test_fine_tuned_encoder_keeps_batchnorm_statistics():
+    encoder = _encoder(torch.float32)
+    model = LorsModel(encoder, D_TXT, 6, dropout=0.0).train()
+    before = model.image.backbone.bn.running_mean.clone()
+    model(torch.randn(4, 3, SIZE, SIZE), torch.randn(4, D_TXT))
+    assert not model.image.training and torch.equal(model.image.backbone.bn.running_mean, before)
+    assert all(p.requires_grad for p in model.image.parameters())
+    assert not any(p.requires_grad for p in encoder.parameters()) or encoder.conv.weight is not \
+        model.image.backbone.conv.weight  # a copy: the frozen backbone is not trained in place
+
+
+def _lors_problem(syn_steps=3, blend=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    encoder = _encoder()
+    specs = lors_specs(encoder, D_TXT, 6, dropout=0.0)
+    pixels = torch.randn(N, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+    texts = torch.randn(N, D_TXT, generator=g, dtype=torch.float64)
+    syn = SyntheticSet(pixels, texts, sim_rank=2, sim_alpha=1.0, lr_init=0.3, generator=g)
+    with torch.no_grad():
+        syn.sim.R.normal_(generator=g)
+    start = (specs[0].flatten(encoder), specs[1].init_flat(g, dtype=torch.float64))
+    target = tuple(s + 0.05 * torch.randn(s.shape, generator=g, dtype=torch.float64) for s in start)
+    settings = DistillSettings(syn_steps=syn_steps, mini_batch_size=4, blend=blend)
+    batches = sample_batches(N, settings, np.random.default_rng(seed))
+    return syn, specs, start, target, batches, settings
+
+
+def _grads(match, syn, specs, start, target, batches, settings):
+    syn = copy.deepcopy(syn)
+    result = match(syn.images, syn, specs, start, target, batches, settings)  # pixels are the student's input
+    return result, {"pixels": syn.images.grad, "texts": syn.texts.grad, "R": syn.sim.R.grad,
+                    "lr_img": syn.syn_lr_img.grad, "lr_txt": syn.syn_lr_txt.grad}
+
+
+def test_lors_unrolled_gradient_matches_finite_differences():
+    syn, specs, start, target, batches, settings = _lors_problem()
+    _, grads = _grads(match_unrolled, syn, specs, start, target, batches, settings)
+    eps, rng = 1e-6, np.random.default_rng(2)
+    for name, grad in grads.items():
+        for index in rng.choice(grad.numel(), size=min(3, grad.numel()), replace=False):
+            losses = []
+            for delta in (eps, -eps):
+                moved = copy.deepcopy(syn)
+                tensor = {"pixels": moved.images, "texts": moved.texts, "R": moved.sim.R,
+                          "lr_img": moved.syn_lr_img, "lr_txt": moved.syn_lr_txt}[name]
+                with torch.no_grad():
+                    tensor.view(-1)[index] += delta
+                losses.append(match_unrolled(moved.images, moved, specs, start, target, batches, settings).loss.item())
+            numeric = (losses[0] - losses[1]) / (2 * eps)
+            assert grad.reshape(-1)[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9), name
+
+
+def test_lors_tesla_equals_unrolled_for_one_student_step():
+    syn, specs, start, target, batches, settings = _lors_problem(syn_steps=1)
+    exact_result, exact = _grads(match_unrolled, syn, specs, start, target, batches, settings)
+    tesla_result, tesla = _grads(match_tesla, syn, specs, start, target, batches, settings)
+    assert tesla_result.loss.item() == pytest.approx(exact_result.loss.item(), rel=1e-12)
+    for name in ("pixels", "texts", "R", "lr_img", "lr_txt"):
+        torch.testing.assert_close(tesla[name], exact[name], rtol=1e-9, atol=1e-12)
+
+
+def test_encoder_student_blends_its_output_with_the_texts_draw():
+    syn, specs, start, _, batches, settings = _lors_problem(syn_steps=1, blend=True)
+    batch = batches[0]
+    lam, perm = batch.lam, batch.perm
+    x, v, targets = syn.images[batch.idx], syn.texts[batch.idx], syn.sim.block(batch.idx)
+    loss = student_loss(*start, x, lam * v + (1 - lam) * v[perm], targets, *specs, settings, batch)
+    features = specs[0].apply_flat(start[0], x)
+    img = F.normalize(lam * features + (1 - lam) * features[perm], dim=-1)
+    txt = F.normalize(specs[1].apply_flat(start[1], lam * v + (1 - lam) * v[perm], train=False), dim=-1)
+    from repblend.stages.losses import wbce_loss
+
+    assert loss.item() == pytest.approx(wbce_loss(img @ txt.T / settings.temperature, targets).item(), rel=1e-12)
+    assert EncoderSpec.blend_output and not HeadSpec.blend_output
+
+
+def test_encoder_expert_starts_at_the_pretrained_encoder_and_moves():
+    encoder = _encoder(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    pixels, texts = torch.randn(10, 3, SIZE, SIZE, generator=g), torch.randn(20, D_TXT, generator=g)
+    c2i = torch.arange(20) // 2
+    settings = ExpertSettings(embed_dim=99, dropout=0.0, epochs=2, batch_size=8)  # embed_dim unused: text -> 6
+    traj = train_expert(pixels, texts, c2i, settings, seed=3, encoder=encoder, feature_dim=6)
+    again = train_expert(pixels, texts, c2i, settings, seed=3, encoder=encoder, feature_dim=6)
+    spec = EncoderSpec(encoder)
+    torch.testing.assert_close(traj.image[0], spec.flatten(encoder), rtol=0, atol=0)
+    assert not torch.allclose(traj.image[2], traj.image[0]) and traj.text[0].numel() == HeadSpec(D_TXT, 6).num_params
+    assert all(torch.equal(traj.image[e], again.image[e]) for e in traj.image)  # seeded
+    model = heads_at(traj, 2, settings, 6, D_TXT, encoder=encoder)
+    img, _ = model(pixels, texts[:10])
+    torch.testing.assert_close(img, F.normalize(spec.apply_flat(traj.image[2], pixels), dim=-1))
+
+
+def test_lors_needs_pixel_space():
+    with pytest.raises(ConfigError, match="distill.mode=lors .* needs distill.space=pixel"):
+        load_config(None, ["distill.mode=lors", "distill.space=feature"])
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("toy"), n_train=24, n_dev=8, size=32)
+
+
+def test_run_tables_the_lors_baseline_beside_repblend(toy, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    overrides = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS, *TINY_PROBLEM, *STABLE_LRS,
+                 "distill.space=pixel", "distill.iterations=3", "eval.num_eval=1", "eval.epochs=3",
+                 "eval.methods=[lors,random]", "ray.enabled=false"]
+    assert main(["run", "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--run-dir", str(run_dir),
+                 *overrides, "eval.full_epochs=1"]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["methods"]) == {"repblend", "init", "lors", "random"}
+    assert "asymmetric" in results["notes"]["lors"] and "lors" in results["diagnostics"]
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert {"buffer", "distill", "lors_buffer", "lors_distill", "eval"} <= set(stages)
+    lors_index = json.loads((run_dir / "lors" / "buffer" / "index.json").read_text())
+    assert lors_index["identity"]["mode"] == "lors" and "mode" not in json.loads(
+        (run_dir / "buffer" / "index.json").read_text())["identity"]
+    encoder_params = sum(p.numel() for p in _tiny_backbone().parameters())
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "lors" / "buffer" / "expert_000.safetensors"), "pt") as f:
+        assert f.get_slice("image.0").get_shape() == [encoder_params]  # the whole encoder, not a head
+    assert "| lors |" in capsys.readouterr().out
+
+
+def _tiny_backbone():
+    from repblend.stages.encoders import build_image_encoder
+
+    return build_image_encoder("tiny", weights="random", image_size=32).backbone
+
+
+def test_feature_space_run_notes_why_lors_is_skipped(toy, tmp_path):
+    from repblend.pipeline import evaluation, steps
+
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS,
+                                *TINY_PROBLEM, "distill.space=feature", "eval.num_eval=1", "eval.epochs=2",
+                                "eval.methods=[lors,random]"])
+    assert steps.lors_baseline(config) is None
+    results = evaluation.evaluate(config, tmp_path, steps.encode(config))
+    assert "lors" not in results["methods"] and "distill.space=feature" in results["notes"]["lors"]
