@@ -84,7 +84,7 @@ def _train_fn(loop: dict) -> None:
 
 def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
     """`steps.distill` on `ray.workers` Ray Train workers; resumes from run_dir/distill/train after a crash."""
-    steps.check_distill(config, caches)
+    steps.check_budget(config, caches)
     if steps.distill_is_complete(config, run_dir):
         return steps.synthetic_path(run_dir)
     run_dir = run_dir.resolve()

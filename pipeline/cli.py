@@ -102,8 +102,6 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"{m['num_captions']} captions x {m['text_encoder']['feature_dim']} -> {cache.tensors_path}")
         return 0
     steps.check_budget(config, caches)
-    if args.command in ("distill", "export", "run"):
-        steps.check_distill(config, caches)  # refuse an impossible distillation before training any expert
     # each command builds what it needs and is missing; finished work (cache, experts, checkpoints) is reused
     # the LoRS row of a RepBlend run is distilled the same way in <run>/lors, from its own (encoder) experts
     lors = steps.lors_baseline(config)

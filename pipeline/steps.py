@@ -341,10 +341,6 @@ class DistillJob:
     caption_idx: torch.Tensor
 
 
-def check_distill(config: Config, caches: dict[str, FeatureCache]) -> None:
-    check_budget(config, caches)
-
-
 def lors_baseline(config: Config) -> Config | None:
     """The config of the LoRS row of a RepBlend run (distilled in <run>/lors): the same data, encoders and
     hyperparameters, asymmetric matching and no blending. None when the run has no such row."""
@@ -388,7 +384,8 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
         encoder = build_image_encoder(config, device)
         cached_dim = train.image_features.shape[1]
         if dc.mode == "lors":  # the student's image side is the encoder itself (stages/lors.py)
-            specs = lors_specs(encoder.backbone, train.text_features.shape[1], encoder.feature_dim, config.model.dropout)
+            specs = lors_specs(encoder.backbone, train.text_features.shape[1], encoder.feature_dim,
+                               config.model.dropout)
         if encoder.feature_dim != cached_dim:
             raise CacheError(f"{caches[config.data.train_split].manifest_path}: cached image features are "
                              f"{cached_dim}-d but encoders.image {config.encoders.image.name!r} gives "
@@ -510,7 +507,7 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, p
 
     With distill.eval_every, the set is evaluated on `probe_split` (default: the eval split) every N
     iterations, logged, and passed to `on_eval(iteration, metrics)` (Tune reports from there)."""
-    check_distill(config, caches)
+    check_budget(config, caches)
     if distill_is_complete(config, run_dir):
         return synthetic_path(run_dir)
     job = build_distiller(config, run_dir, caches, resolve_device(config.run.device))

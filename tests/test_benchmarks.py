@@ -151,3 +151,32 @@ def test_missing_modality_small(tmp_path, capsys):
     for side in ("image", "text"):
         assert f"{side} missing" in out
     assert out.count("| ebr | ebr |") == 2 and out.count("| plain | zero |") == 2
+
+
+@pytest.mark.parametrize("study", ["perturbation", "matching"])
+def test_repblend_ablations_small(tmp_path, capsys, study):
+    """Each study's arms distil, evaluate and plot on a generated set with tiny encoders."""
+    from repblend.stages.toydata import make_toy_dataset
+    from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
+    spec = importlib.util.spec_from_file_location("repblend_ablations", BENCHMARKS / "repblend_ablations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    space = "feature" if study == "perturbation" else "pixel"
+    results = module.main(["--study", study, "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--noise", "0.5",
+                           "--eval-every", "2", "--out", str(tmp_path / "out"), f"data.root={toy}",
+                           f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS, *TINY_PROBLEM, *STABLE_LRS,
+                           f"distill.space={space}", "distill.iterations=4", "eval.num_eval=1", "eval.epochs=2"])
+    expected = (["no blend", "blend", "noise 0.5"] if study == "perturbation" else
+                [f"{m} / blend {b}" for m in ("symmetric", "asymmetric") for b in ("on", "off")])
+    assert list(results) == expected
+    for arm in results.values():
+        assert [c["iteration"] for c in arm["curve"]] == [1, 2, 3, 4]
+        assert [c["iteration"] for c in arm["curve"] if "gap" in c] == [2, 4]
+    out = capsys.readouterr().out
+    assert all(f"| {label} |" in out for label in expected)
+    assert all((tmp_path / "out" / name).stat().st_size > 0
+               for name in ("results.json", "table.md", "sim_gap.png", "over_iterations.png", "matching_losses.png"))
+    if study == "matching":  # the two matching modes never share experts
+        assert {p.name for p in (tmp_path / "out").glob("buffer-*")} == {"buffer-repblend", "buffer-lors"}

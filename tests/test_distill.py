@@ -91,7 +91,8 @@ def test_noise_perturbation_is_seeded_and_scaled_by_the_representations_rms():
     settings = DistillSettings(syn_steps=4, mini_batch_size=4, blend=False, noise=0.3)
     batches = sample_batches(N, settings, np.random.default_rng(5))
     again = sample_batches(N, settings, np.random.default_rng(5))
-    assert [b.noise_seed for b in batches] == [b.noise_seed for b in again] and len({b.noise_seed for b in batches}) == 4
+    assert [b.noise_seed for b in batches] == [b.noise_seed for b in again]
+    assert len({b.noise_seed for b in batches}) == 4
     assert all(b.noise_seed is None for b in sample_batches(N, DistillSettings(syn_steps=2, mini_batch_size=4),
                                                             np.random.default_rng(5)))
     x = 3.0 * torch.randn(2000, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
