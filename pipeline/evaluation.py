@@ -142,8 +142,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
         log.warning("eval: no distilled set in %s yet; evaluating the baselines only", run_dir)
     else:
         measure = protocol(config, caches, config.data.eval_split, device)
-        methods[own] = evaluate_synthetic(synthetic_path, measure, settings, seeds, device)
         syn = load_file(str(synthetic_path), device=str(device))
+        methods[own] = evaluate_synthetic(syn, measure, settings, seeds, device)
         init = PairSet(measure.train_images(syn["init_image_index"]), train.text_features[syn["init_caption_index"]],
                        None, lr0, lr0)
         methods["init"] = evaluate_pairs(init, settings, measure.eval_features, seeds, device, diagnose=True,
@@ -176,7 +176,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                 notes["lors"] = f"not distilled yet ({lors_path}; `repblend run` or `repblend distill` makes it)"
             else:
                 measure = protocol(lors, caches, config.data.eval_split, device)
-                methods["lors"] = evaluate_synthetic(lors_path, measure, settings, seeds, device)
+                methods["lors"] = evaluate_synthetic(load_file(str(lors_path), device=str(device)), measure,
+                                                     settings, seeds, device)
                 notes["lors"] = ("asymmetric matching (whole image encoder vs text head), no blending; evaluated "
                                  "by fine-tuning the encoder with a text head, as the references evaluate LoRS")
     diagnostics = {name: metrics.pop("diagnostics") for name, metrics in methods.items() if "diagnostics" in metrics}
@@ -191,10 +192,9 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     return results
 
 
-def evaluate_synthetic(path: Path, measure: Protocol, settings: TrainSettings, seeds: list[int],
+def evaluate_synthetic(syn: dict[str, torch.Tensor], measure: Protocol, settings: TrainSettings, seeds: list[int],
                        device: torch.device) -> dict:
-    """A distilled set under its mode's protocol: trained at its learned lrs against its learned S."""
-    syn = load_file(str(path), device=str(device))
+    """A distilled set (its safetensors) under its mode's protocol: trained at its learned lrs against its S."""
     images = syn["images"] if measure.model is not None else syn["image_features"]
     pairs = PairSet(images, syn["texts"], syn["similarity"], float(syn["syn_lr_img"]), float(syn["syn_lr_txt"]))
     return evaluate_pairs(pairs, settings, measure.eval_features, seeds, device, diagnose=True, model=measure.model)
