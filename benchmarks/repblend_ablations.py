@@ -19,6 +19,7 @@ Writes results.json, table.md and PNGs (sim_gap.png, over_iterations.png, matchi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -44,8 +45,7 @@ def run_arm(config_path: str, overrides: list[str], arm: list[str], out: Path, l
     """Distil and evaluate one arm; experts are shared by all arms of the same matching mode."""
     config = load_config(config_path, [*overrides, *arm, "eval.methods=[]", "run.progress=false"])
     mode = config.distill.mode
-    config = load_config(config_path, [*overrides, *arm, "eval.methods=[]", "run.progress=false",
-                                       f"buffer.dir={out / ('buffer-' + mode)}"])
+    config = dataclasses.replace(config, buffer=dataclasses.replace(config.buffer, dir=str(out / f"buffer-{mode}")))
     run_dir = out / label.replace(" / ", "_").replace(" ", "_")
     caches = steps.encode(config)
     steps.buffer(config, run_dir, caches)

@@ -104,8 +104,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     steps.check_budget(config, caches)
     # each command builds what it needs and is missing; finished work (cache, experts, checkpoints) is reused
     # the LoRS row of a RepBlend run is distilled the same way in <run>/lors, from its own (encoder) experts
+    distillations = [(config, run_dir, "")]
     lors = steps.lors_baseline(config)
-    for sub_config, sub_dir, stage in [(config, run_dir, ""), *([(lors, run_dir / "lors", "lors_")] if lors else [])]:
+    if lors is not None:
+        distillations.append((lors, run_dir / "lors", "lors_"))
+    for sub_config, sub_dir, stage in distillations:
         if args.command in ("buffer", "distill", "export", "run"):
             buffer_dir = _buffer(sub_config, sub_dir, caches)
             mark_stage_done(run_dir, f"{stage}buffer", {"dir": str(buffer_dir)})

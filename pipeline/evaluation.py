@@ -114,11 +114,11 @@ def protocol(config: Config, caches: dict[str, FeatureCache], split: str, device
 
     encoder = build_image_encoder(config, device)
     eval_pixels = split_pixels(config, caches, split, encoder)
-    train_pixels = split_pixels(config, caches, config.data.train_split, encoder)
     txt_dim = evalset.text_features.shape[1]
     return Protocol((eval_pixels, evalset.text_features, evalset.caption_to_image),
                     lambda: LorsModel(encoder.backbone, txt_dim, encoder.feature_dim, config.model.dropout),
-                    lambda idx: train_pixels[idx.cpu()])
+                    # decoded on first use (the eval probe never needs training pixels), then kept per process
+                    lambda idx: split_pixels(config, caches, config.data.train_split, encoder)[idx.cpu()])
 
 
 def eval_seeds(config: Config) -> list[int]:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
 from torch import nn
 
 from repblend.stages.heads import DualHeads, HeadSpec, heads_sgd
