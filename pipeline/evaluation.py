@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,9 +72,12 @@ def full_bound(config: Config, train, evalset, device: torch.device) -> tuple[di
     eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     curve: list[tuple[float, int, dict]] = []
     for lr in config.eval.full_lrs:
+        started = time.perf_counter()
         train_heads(_real_pairs(train, everything, lr), settings, config.run.seed, device,
                     on_epoch=lambda epoch, heads, lr=lr: curve.append(
                         (lr, epoch, retrieval_of(heads, *eval_features, device))))
+        log.info("eval full: lr %g, best r_mean %.2f over %d epochs (%.0f s)", lr,
+                 max(m["r_mean"] for x, _, m in curve if x == lr), settings.epochs, time.perf_counter() - started)
     best_lr, best_epoch, best = max(curve, key=lambda item: item[2]["r_mean"])
     runs = [best]
     for seed in eval_seeds(config)[1:]:  # same schedule, stopped at the selected epoch
@@ -143,12 +147,17 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     else:
         measure = protocol(config, caches, config.data.eval_split, device)
         syn = load_file(str(synthetic_path), device=str(device))
+        started = time.perf_counter()
         methods[own] = evaluate_synthetic(syn, measure, settings, seeds, device)
+        _log_row(own, methods[own], started)
+        started = time.perf_counter()
         init = PairSet(measure.train_images(syn["init_image_index"]), train.text_features[syn["init_caption_index"]],
                        None, lr0, lr0)
         methods["init"] = evaluate_pairs(init, settings, measure.eval_features, seeds, device, diagnose=True,
                                          model=measure.model)
+        _log_row("init", methods["init"], started)
     for method in config.eval.methods:
+        started = time.perf_counter()
         if method in ("random", "herding", "kcenter"):
             runs, diagnostics = [], []
             for seed, caption_idx in zip(seeds, _coresets(method, train, n, seeds)):
@@ -180,6 +189,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                                                      settings, seeds, device)
                 notes["lors"] = ("asymmetric matching (whole image encoder vs text head), no blending; evaluated "
                                  "by fine-tuning the encoder with a text head, as the references evaluate LoRS")
+        if method in methods and method != own:
+            _log_row(method, methods[method], started)
     diagnostics = {name: metrics.pop("diagnostics") for name, metrics in methods.items() if "diagnostics" in metrics}
     results = {"methods": methods, "diagnostics": diagnostics, "eval_split": config.data.eval_split, "pairs": n,
                "seeds": seeds,
@@ -190,6 +201,13 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     write_json(run_dir / "results.json", results)
     write_text(run_dir / "results.md", results_table(results))
     return results
+
+
+def _log_row(name: str, metrics: dict, started: float) -> None:
+    """One line per finished row: evaluation of a large split takes minutes, and should be seen to progress."""
+    mean = {key: metrics[key]["mean"] for key in ("img_r10", "txt_r10", "r_mean")}
+    log.info("eval %s: img_r10 %.2f  txt_r10 %.2f  r_mean %.2f (%.0f s)", name, *mean.values(),
+             time.perf_counter() - started)
 
 
 def evaluate_synthetic(syn: dict[str, torch.Tensor], measure: Protocol, settings: TrainSettings, seeds: list[int],

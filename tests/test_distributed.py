@@ -77,18 +77,25 @@ def _one_process_reference(config, run_dir, caches):
     return job.distiller.syn
 
 
+def _distill_on_two_workers_and_check(config, run_dir, caches):
+    from repblend.distributed.train import distill_with_ray
+
+    steps.buffer(config, run_dir, caches)
+    synthetic = load_file(str(distill_with_ray(config, run_dir, caches)))
+    reference = _one_process_reference(config, run_dir, caches)
+    torch.testing.assert_close(synthetic["texts"], reference.texts.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(synthetic["images"], reference.images.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(synthetic["similarity"], reference.sim.full().detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(synthetic["texts"], caches["train"].load().text_features[synthetic["init_caption_index"]])
+    return synthetic
+
+
 def test_two_train_workers_average_what_one_process_averages(ray_session, toy, tmp_path, monkeypatch):
     from repblend.distributed.train import FAULT_ENV, distill_with_ray
 
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, *DISTILL])
     caches = steps.encode(config)
-    steps.buffer(config, tmp_path / "straight", caches)
-    synthetic = load_file(str(distill_with_ray(config, tmp_path / "straight", caches)))
-    reference = _one_process_reference(config, tmp_path / "straight", caches)
-    torch.testing.assert_close(synthetic["texts"], reference.texts.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(synthetic["images"], reference.images.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(synthetic["similarity"], reference.sim.full().detach(), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(synthetic["texts"], caches["train"].load().text_features[synthetic["init_caption_index"]])
+    synthetic = _distill_on_two_workers_and_check(config, tmp_path / "straight", caches)
 
     # a worker that dies after iteration 3 (checkpoint at 2): the group restarts and ends with the same set
     marker = tmp_path / "rank0_killed_once"
@@ -102,6 +109,17 @@ def test_two_train_workers_average_what_one_process_averages(ray_session, toy, t
                   for line in (tmp_path / "killed" / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert iterations == [1, 2, 3, 4]  # the iteration redone after the restart is logged once
 
+
+
+def test_lors_on_two_train_workers_averages_what_one_process_averages(ray_session, toy, tmp_path):
+    """The LoRS baseline (the encoder itself is the image-side student) through the same Ray Train glue."""
+    lors = [*DISTILL, "distill.space=pixel", "distill.mode=lors", "blend.enabled=false", "distill.lr_img=1.0"]
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, *lors])
+    caches = steps.encode(config)
+    synthetic = _distill_on_two_workers_and_check(config, tmp_path / "lors", caches)
+    initial = steps.build_distiller(config, tmp_path / "lors", caches, torch.device("cpu")).distiller.syn.images
+    assert synthetic["images"].shape == initial.shape and initial.dim() == 4  # pixels
+    assert not torch.allclose(synthetic["images"], initial.detach())  # moved by the gradient through the encoder
 
 def test_ray_data_encode_equals_local_encode(ray_session, toy, tmp_path):
     from repblend.distributed.encode import image_encoder_with_ray_data

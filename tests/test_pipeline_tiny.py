@@ -1,6 +1,7 @@
 """The chain with tiny random encoders on generated data: fast checks of stage wiring, both spaces."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def toy(tmp_path_factory):
 
 
 @pytest.mark.parametrize("space", ["feature", "pixel"])
-def test_chain_writes_a_synthetic_set(toy, tmp_path, space):
+def test_chain_writes_a_synthetic_set(toy, tmp_path, space, caplog):
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", f"distill.space={space}",
                                 *STABLE_LRS, *TINY])
     caches = steps.encode(config)
@@ -41,8 +42,12 @@ def test_chain_writes_a_synthetic_set(toy, tmp_path, space):
     assert not torch.allclose(syn["texts"], init)  # distillation moved the texts
     lines = (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]
-    results = evaluation.evaluate(config, tmp_path, caches)
+    with caplog.at_level(logging.INFO, logger="repblend"):
+        results = evaluation.evaluate(config, tmp_path, caches)
     assert set(results["methods"]) == {"repblend", "init", "random", "herding", "kcenter", "full"}
+    for name, metrics in results["methods"].items():  # each row is logged as it finishes, with its recall
+        assert f"eval {name}: img_r10 {metrics['img_r10']['mean']:.2f}" in caplog.text
+    assert caplog.text.count("eval full: lr ") == len(config.eval.full_lrs)
     assert set(results["diagnostics"]) == {"repblend", "init", "random", "herding", "kcenter"}
     assert 0.0 <= results["diagnostics"]["repblend"]["modality_probe"]["mean"] <= 1.0
     assert "| repblend | " in (tmp_path / "results.md").read_text().split("Collapse diagnostics")[1]
