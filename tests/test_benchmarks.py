@@ -21,12 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def _load(name: str):
-    """A benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"bench_{name}.py")
+def _script(stem: str):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(stem, BENCHMARKS / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load(name: str):
+    return _script(f"bench_{name}")
 
 
 @pytest.fixture(autouse=True)
@@ -141,9 +145,7 @@ def test_missing_modality_small(tmp_path, capsys):
     from tiny import TINY_ENCODERS
 
     toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
-    spec = importlib.util.spec_from_file_location("missing_modality", BENCHMARKS / "missing_modality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("missing_modality")
     module.main(["--small", "--train-images", "0", "--val-images", "6", "--embed-dim", "16", "--hidden", "16",
                  "--shared-dim", "8", "--rates", "0", "1", "--config", str(ROOT / "configs/flickr8k_100.yaml"),
                  f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS])
@@ -160,9 +162,7 @@ def test_repblend_ablations_small(tmp_path, capsys, study):
     from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
 
     toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
-    spec = importlib.util.spec_from_file_location("repblend_ablations", BENCHMARKS / "repblend_ablations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("repblend_ablations")
     space = "feature" if study == "perturbation" else "pixel"
     results = module.main(["--study", study, "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--noise", "0.5",
                            "--eval-every", "2", "--out", str(tmp_path / "out"), f"data.root={toy}",
@@ -180,3 +180,52 @@ def test_repblend_ablations_small(tmp_path, capsys, study):
                for name in ("results.json", "table.md", "sim_gap.png", "over_iterations.png", "matching_losses.png"))
     if study == "matching":  # the two matching modes never share experts
         assert {p.name for p in (tmp_path / "out").glob("buffer-*")} == {"buffer-repblend", "buffer-lors"}
+
+
+def test_low_rank_update_keeps_the_best_rank_k_move_of_the_first_layer_only():
+    """Closed form: a rank-2 move of W1 cut to rank 2 is the move itself; cut to rank 1 it is the larger of its two
+    orthogonal components, keeping s1^2 / (s1^2 + s2^2) of its energy; every other parameter is the end point's."""
+    rank_limit = _script("rank_limit")
+    spec = HeadSpec(6, 4, 0.0)
+    g = torch.Generator().manual_seed(0)
+    start, end = spec.init_flat(g, dtype=torch.float64), spec.init_flat(g, dtype=torch.float64)
+    q_out, _ = torch.linalg.qr(torch.randn(4, 2, generator=g, dtype=torch.float64))
+    q_in, _ = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64))
+    big, small = 3.0 * torch.outer(q_out[:, 0], q_in[:, 0]), 1.0 * torch.outer(q_out[:, 1], q_in[:, 1])
+    spec.unflatten(end)["fc1.weight"].copy_(spec.unflatten(start)["fc1.weight"] + big + small)
+
+    whole, energy = rank_limit.low_rank_update(start, end, spec, rank=2)
+    torch.testing.assert_close(whole, end)
+    assert energy == pytest.approx(1.0)
+    cut, energy = rank_limit.low_rank_update(start, end, spec, rank=1)
+    torch.testing.assert_close(spec.unflatten(cut)["fc1.weight"], spec.unflatten(start)["fc1.weight"] + big)
+    assert energy == pytest.approx(9.0 / 10.0)
+    for name in ("fc1.bias", "fc2.weight", "fc2.bias", "norm.weight", "norm.bias"):
+        assert torch.equal(spec.unflatten(cut)[name], spec.unflatten(end)[name])
+
+
+def test_rank_limit_small(tmp_path, capsys):
+    """On a generated set: the full-rank row is each expert itself (its recall as the buffer recorded it), and
+    cutting the update to rank 1 changes the model."""
+    import json
+
+    from safetensors import safe_open
+
+    from repblend.stages.toydata import make_toy_dataset
+    from tiny import TINY_ENCODERS, TINY_PROBLEM
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
+    rows = _script("rank_limit").main([
+        "--config", str(ROOT / "configs/flickr8k_100_feature.yaml"), "--run-dir", str(tmp_path / "run"),
+        "--ranks", "1", "--experts", "2", f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "ray.enabled=false",
+        *TINY_ENCODERS, *TINY_PROBLEM])
+    assert len(rows) == 2 and 1 in rows
+    recorded = []
+    for k in range(2):
+        with safe_open(str(tmp_path / "run" / "buffer" / f"expert_{k:03d}.safetensors"), framework="pt") as f:
+            recorded.append(json.loads(f.metadata()["meta"])["eval_recall"])
+    full = rows[max(rows)]
+    for key in ("r_mean", "img_r10", "txt_r10"):
+        assert full[key] == pytest.approx(sum(r[key] for r in recorded) / 2, abs=1e-6)
+    assert full["energy_img"] == pytest.approx(1.0) and rows[1]["energy_img"] < 1.0
+    assert "| full (the expert) |" in capsys.readouterr().out
