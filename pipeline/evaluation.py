@@ -137,6 +137,7 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     seeds = eval_seeds(config)
     settings = train_settings(config)
+    real_settings = train_settings(config, loss=config.eval.real_loss)
     n = config.distill.num_queries
     lr0 = config.distill.lr_teacher
     methods, notes = {}, {}
@@ -153,7 +154,7 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
         started = time.perf_counter()
         init = PairSet(measure.train_images(syn["init_image_index"]), train.text_features[syn["init_caption_index"]],
                        None, lr0, lr0)
-        methods["init"] = evaluate_pairs(init, settings, measure.eval_features, seeds, device, diagnose=True,
+        methods["init"] = evaluate_pairs(init, real_settings, measure.eval_features, seeds, device, diagnose=True,
                                          model=measure.model)
         _log_row("init", methods["init"], started)
     for method in config.eval.methods:
@@ -162,7 +163,7 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
             runs, diagnostics = [], []
             for seed, caption_idx in zip(seeds, _coresets(method, train, n, seeds)):
                 pairs = _real_pairs(train, caption_idx.to(device), lr0)
-                heads = train_heads(pairs, settings, seed, device)
+                heads = train_heads(pairs, real_settings, seed, device)
                 runs.append(retrieval_of(heads, *eval_features, device))
                 diagnostics.append(set_diagnostics(heads, pairs, device))
             methods[method] = {**summarize(runs), "diagnostics": summarize(diagnostics, DIAGNOSTICS)}
@@ -197,6 +198,7 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                "space": config.distill.space, "notes": notes,
                "protocol": {"epochs": settings.epochs, "loss": settings.loss, "momentum": settings.momentum,
                             "weight_decay": settings.weight_decay, "coreset_lr": lr0,
+                            "real_loss": real_settings.loss,
                             "ebr": dataclasses.asdict(settings.ebr) if settings.ebr else None}}
     write_json(run_dir / "results.json", results)
     write_text(run_dir / "results.md", results_table(results))
@@ -233,7 +235,12 @@ def results_table(results: dict) -> str:
                   "| set | " + " | ".join(DIAGNOSTICS) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
         for name, diag in results["diagnostics"].items():
             lines.append(f"| {name} | " + " | ".join(f"{diag[k]['mean']:.3g}" for k in DIAGNOSTICS) + " |")
-    ebr = results.get("protocol", {}).get("ebr")
+    protocol = results.get("protocol", {})
+    if "real_loss" in protocol:
+        lines.append(f"\nProtocol: fresh heads, {protocol['epochs']} epochs; distilled sets train with {protocol['loss']} "
+                     f"(against their learned S) at their learned lrs, real pairs (init, coresets) with "
+                     f"{protocol['real_loss']} at lr {protocol['coreset_lr']}")
+    ebr = protocol.get("ebr")
     if ebr:
         lines.append(f"\nEvery row trained with EBR (alpha {ebr['alpha']}, H {ebr['hidden']}, S {ebr['shared_dim']}, "
                      f"{'interleaved' if ebr['interleave'] else 'gradient reversal'}); recall uses decoded embeddings")

@@ -54,6 +54,31 @@ def test_chain_writes_a_synthetic_set(toy, tmp_path, space, caplog):
     assert "lors" in results["notes"] and "lors" not in results["methods"]  # not distilled by steps alone
 
 
+@pytest.mark.parametrize("real_loss", ["clip", "wbce"])
+def test_coresets_train_with_the_real_pairs_loss(toy, tmp_path, real_loss):
+    """Real pairs carry no learned similarity: the coreset rows train with eval.real_loss (default clip, as experts
+    and the full bound), recomputed here seed by seed; the distilled set's eval.loss does not reach them."""
+    from repblend.stages.coresets import random_coreset
+    from repblend.stages.evaluate import retrieval_of, train_heads
+
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "eval.loss=wbce",
+                                f"eval.real_loss={real_loss}", "eval.methods=[random]"])
+    caches = steps.encode(config)
+    results = evaluation.evaluate(config, tmp_path, caches)
+    assert results["protocol"]["real_loss"] == real_loss and results["protocol"]["loss"] == "wbce"
+    assert f"real pairs (init, coresets) with {real_loss} at lr" in (tmp_path / "results.md").read_text()
+    train, dev = caches["train"].load(), caches["dev"].load()
+    settings = evaluation.train_settings(config, loss=real_loss)
+    runs = []
+    for seed in evaluation.eval_seeds(config):
+        idx = random_coreset(train.text_features.shape[0], config.distill.num_queries, seed)
+        pairs = evaluation._real_pairs(train, idx, config.distill.lr_teacher)
+        heads = train_heads(pairs, settings, seed, torch.device("cpu"))
+        runs.append(retrieval_of(heads, dev.image_features, dev.text_features, dev.caption_to_image, "cpu"))
+    for key in ("img_r1", "txt_r10", "r_mean"):
+        assert results["methods"]["random"][key]["mean"] == pytest.approx(sum(r[key] for r in runs) / len(runs))
+
+
 def test_budget_larger_than_the_dataset_is_refused(toy, tmp_path):
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY,
                                 "distill.num_queries=25"])
