@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 from repblend.pipeline import evaluation, steps
@@ -42,19 +41,23 @@ def arms(study: str, noises: list[float]) -> list[tuple[str, list[str]]]:
 
 
 def run_arm(config_path: str, overrides: list[str], arm: list[str], out: Path, label: str) -> dict:
-    """Distil and evaluate one arm; experts are shared by all arms of the same matching mode."""
+    """Distil and evaluate one arm; experts are shared by all arms of the same matching mode. An arm whose
+    distillation and evaluation finished in an earlier (killed) study is read back, not redone."""
     config = load_config(config_path, [*overrides, *arm, "eval.methods=[]", "run.progress=false"])
     mode = config.distill.mode
     config = dataclasses.replace(config, buffer=dataclasses.replace(config.buffer, dir=str(out / f"buffer-{mode}")))
     run_dir = out / label.replace(" / ", "_").replace(" ", "_")
     caches = steps.encode(config)
     steps.buffer(config, run_dir, caches)
-    start = time.perf_counter()
     steps.distill(config, run_dir, caches)
-    seconds = time.perf_counter() - start
-    results = evaluation.evaluate(config, run_dir, caches)
+    evaluated = run_dir / "results.json"
+    if evaluated.is_file() and evaluated.stat().st_mtime >= steps.synthetic_path(run_dir).stat().st_mtime:
+        results = json.loads(evaluated.read_text())
+    else:
+        results = evaluation.evaluate(config, run_dir, caches)
     rows = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
-    return {"overrides": arm, "distill_seconds": round(seconds, 1),
+    # distillation alone (the recall probes excluded), summed over the run's rows: resumed runs included
+    return {"overrides": arm, "distill_seconds": round(sum(r["seconds"] for r in rows), 1),
             "final": {k: results["methods"][mode][k]["mean"] for k in COLUMNS[:3]}
             | {k: results["diagnostics"][mode][k]["mean"] for k in COLUMNS[3:]},
             "init": {k: results["methods"]["init"][k]["mean"] for k in COLUMNS[:3]}
@@ -133,16 +136,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.3, 1.0], help="perturbation strengths")
     ap.add_argument("--eval-every", type=int, default=50, help="probe recall and diagnostics every N iterations")
     ap.add_argument("--out", type=Path, help="default: runs/ablations/<study>")
+    ap.add_argument("--arms", nargs="+", metavar="LABEL", help="run only these arms (e.g. 'asymmetric / blend off', "
+                    "to spread arms over processes); the study's table and plots need a run of all arms, which "
+                    "then reads the finished ones back")
     args = ap.parse_args(argv)
     config_path = args.config or DEFAULT_CONFIG[args.study]
     out = args.out or Path("runs/ablations") / args.study
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"distill.eval_every={args.eval_every}", *args.overrides]
+    chosen = arms(args.study, args.noise)
+    unknown = set(args.arms or []) - {label for label, _ in chosen}
+    if unknown:
+        ap.error(f"--arms: no arm {sorted(unknown)} in the {args.study} study; its arms: {[lab for lab, _ in chosen]}")
     results = {}
-    for label, arm in arms(args.study, args.noise):
+    for label, arm in chosen:
+        if args.arms and label not in args.arms:
+            continue
         results[label] = run_arm(config_path, overrides, arm, out, label)
         print(f"{label}: r_mean {results[label]['final']['r_mean']:.2f}, gap {results[label]['final']['gap']:.3f} "
               f"({results[label]['distill_seconds']} s)", file=sys.stderr)
+    if len(results) < len(chosen):
+        return results
     (out / "results.json").write_text(json.dumps({"config": config_path, "overrides": overrides, "arms": results},
                                                  indent=1))
     text = table(results)

@@ -164,10 +164,20 @@ def test_repblend_ablations_small(tmp_path, capsys, study):
     toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
     module = _script("repblend_ablations")
     space = "feature" if study == "perturbation" else "pixel"
-    results = module.main(["--study", study, "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--noise", "0.5",
-                           "--eval-every", "2", "--out", str(tmp_path / "out"), f"data.root={toy}",
-                           f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS, *TINY_PROBLEM, *STABLE_LRS,
-                           f"distill.space={space}", "distill.iterations=4", "eval.num_eval=1", "eval.epochs=2"])
+    argv = ["--study", study, "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--noise", "0.5",
+            "--eval-every", "2", "--out", str(tmp_path / "out"), f"data.root={toy}",
+            f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS, *TINY_PROBLEM, *STABLE_LRS,
+            f"distill.space={space}", "distill.iterations=4", "eval.num_eval=1", "eval.epochs=2"]
+    first = "no blend" if study == "perturbation" else "symmetric / blend on"
+    alone = module.main([*argv, "--arms", first])  # one arm on its own: no study table yet
+    assert list(alone) == [first] and not (tmp_path / "out" / "table.md").exists()
+    with pytest.raises(SystemExit):
+        module.main([*argv, "--arms", "no such arm"])
+    capsys.readouterr()
+    evaluated = tmp_path / "out" / first.replace(" / ", "_").replace(" ", "_") / "results.json"
+    stamp = evaluated.stat().st_mtime_ns
+    results = module.main(argv)
+    assert results[first] == alone[first] and evaluated.stat().st_mtime_ns == stamp  # read back, not redone
     expected = (["no blend", "blend", "noise 0.5"] if study == "perturbation" else
                 [f"{m} / blend {b}" for m in ("symmetric", "asymmetric") for b in ("on", "off")])
     assert list(results) == expected
