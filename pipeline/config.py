@@ -243,9 +243,10 @@ class EvalConfig:
     weight_decay: float = 5e-4
     batch_size: int = 128
     loss: str = "wbce"  # wbce against the learned S | clip
-    # sets of real pairs (coresets, the distilled set's initialisation) have no learned S: they train with the loss
-    # experts and the full bound train with (clip); wbce would train them against the identity, a weaker baseline
-    real_loss: str = "clip"
+    # sets of real pairs (coresets, the distilled set's initialisation) have no learned S. auto: clip for fresh heads
+    # (as experts and the full bound train; wbce against the identity is a weaker baseline there), wbce where the
+    # image encoder is fine-tuned (LoRS protocol: clip at the coreset lr collapses the image tower, measured)
+    real_loss: str = "auto"
     methods: list[str] = field(
         default_factory=lambda: ["repblend", "lors", "random", "herding", "kcenter", "full"]
     )
@@ -254,7 +255,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _choice("eval.loss", self.loss, ("wbce", "clip"))
-        _choice("eval.real_loss", self.real_loss, ("wbce", "clip"))
+        _choice("eval.real_loss", self.real_loss, ("auto", "wbce", "clip"))
         for method in self.methods:
             _choice("eval.methods[]", method, ("repblend", "lors", "random", "herding", "kcenter", "full"))
         for key in ("epochs", "num_eval", "batch_size", "full_epochs"):

@@ -38,6 +38,13 @@ def train_settings(config: Config, **changes) -> TrainSettings:
     return dataclasses.replace(base, **changes)
 
 
+def real_pairs_loss(config: Config, fine_tunes_encoder: bool) -> str:
+    """The loss sets of real pairs train with: they have no learned similarity to match (eval.real_loss)."""
+    if config.eval.real_loss != "auto":
+        return config.eval.real_loss
+    return "wbce" if fine_tunes_encoder else "clip"
+
+
 def ebr_settings(config: Config, training: str) -> EBRSettings | None:
     """EBR for one kind of training (config ebr.apply_to), or None: then that training is exactly the plain one."""
     ebr = config.ebr
@@ -137,7 +144,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     seeds = eval_seeds(config)
     settings = train_settings(config)
-    real_settings = train_settings(config, loss=config.eval.real_loss)
+    real_settings = train_settings(config, loss=real_pairs_loss(config, fine_tunes_encoder=False))
+    init_loss = real_settings.loss
     n = config.distill.num_queries
     lr0 = config.distill.lr_teacher
     methods, notes = {}, {}
@@ -154,8 +162,9 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
         started = time.perf_counter()
         init = PairSet(measure.train_images(syn["init_image_index"]), train.text_features[syn["init_caption_index"]],
                        None, lr0, lr0)
-        methods["init"] = evaluate_pairs(init, real_settings, measure.eval_features, seeds, device, diagnose=True,
-                                         model=measure.model)
+        init_loss = real_pairs_loss(config, fine_tunes_encoder=measure.model is not None)
+        methods["init"] = evaluate_pairs(init, train_settings(config, loss=init_loss), measure.eval_features, seeds,
+                                         device, diagnose=True, model=measure.model)
         _log_row("init", methods["init"], started)
     for method in config.eval.methods:
         started = time.perf_counter()
@@ -198,7 +207,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                "space": config.distill.space, "notes": notes,
                "protocol": {"epochs": settings.epochs, "loss": settings.loss, "momentum": settings.momentum,
                             "weight_decay": settings.weight_decay, "coreset_lr": lr0,
-                            "real_loss": real_settings.loss,
+                            "real_loss": real_settings.loss, "init_loss": init_loss,
+                            "fine_tunes_encoder": own == "lors",  # the run's own method's evaluation model
                             "ebr": dataclasses.asdict(settings.ebr) if settings.ebr else None}}
     write_json(run_dir / "results.json", results)
     write_text(run_dir / "results.md", results_table(results))
@@ -237,9 +247,14 @@ def results_table(results: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{diag[k]['mean']:.3g}" for k in DIAGNOSTICS) + " |")
     protocol = results.get("protocol", {})
     if "real_loss" in protocol:
-        lines.append(f"\nProtocol: fresh heads, {protocol['epochs']} epochs; distilled sets train with {protocol['loss']} "
-                     f"(against their learned S) at their learned lrs, real pairs (init, coresets) with "
-                     f"{protocol['real_loss']} at lr {protocol['coreset_lr']}")
+        init_loss = protocol.get("init_loss", protocol["real_loss"])
+        real = (f"real pairs (init, coresets) with {init_loss}" if init_loss == protocol["real_loss"] else
+                f"its initial pairs with {init_loss}, coresets (fresh heads) with {protocol['real_loss']}")
+        model = ("the image encoder fine-tuned with a text head" if protocol.get("fine_tunes_encoder") else
+                 "fresh heads")
+        lines.append(f"\nProtocol: {model}, {protocol['epochs']} epochs; "
+                     f"distilled sets train with {protocol['loss']} (against their learned S) at their learned lrs, "
+                     f"{real} at lr {protocol['coreset_lr']}")
     ebr = protocol.get("ebr")
     if ebr:
         lines.append(f"\nEvery row trained with EBR (alpha {ebr['alpha']}, H {ebr['hidden']}, S {ebr['shared_dim']}, "

@@ -187,6 +187,30 @@ def test_run_tables_the_lors_baseline_beside_repblend(toy, tmp_path, capsys):
     with safe_open(str(run_dir / "lors" / "buffer" / "expert_000.safetensors"), "pt") as f:
         assert f.get_slice("image.0").get_shape() == [encoder_params]  # the whole encoder, not a head
     assert "| lors |" in capsys.readouterr().out
+    _check_lors_initial_pairs_train_with_wbce(run_dir, overrides)
+
+
+def _check_lors_initial_pairs_train_with_wbce(run_dir: Path, overrides: list[str]) -> None:
+    """eval.real_loss=auto: where the evaluation fine-tunes the encoder, real pairs train with wBCE (CLIP at the
+    coreset lr collapsed the image tower on Flickr8k); recomputed here with the stage functions."""
+    from safetensors.torch import load_file
+
+    from repblend.pipeline import evaluation, steps
+    from repblend.stages.evaluate import PairSet, evaluate_pairs
+
+    lors = steps.lors_baseline(load_config(ROOT / "configs/flickr8k_100.yaml", overrides))
+    caches = steps.encode(lors)
+    results = evaluation.evaluate(lors, run_dir / "lors", caches)
+    assert results["protocol"]["init_loss"] == "wbce" and results["protocol"]["real_loss"] == "clip"
+    assert "its initial pairs with wbce, coresets (fresh heads) with clip" in (run_dir / "lors" / "results.md").read_text()
+    measure = evaluation.protocol(lors, caches, lors.data.eval_split, torch.device("cpu"))
+    syn = load_file(str(run_dir / "lors" / "distill" / "synthetic.safetensors"))
+    lr0 = lors.distill.lr_teacher
+    init = PairSet(measure.train_images(syn["init_image_index"]),
+                   caches["train"].load().text_features[syn["init_caption_index"]], None, lr0, lr0)
+    expected = evaluate_pairs(init, evaluation.train_settings(lors, loss="wbce"), measure.eval_features,
+                              evaluation.eval_seeds(lors), torch.device("cpu"), model=measure.model)
+    assert results["methods"]["init"]["r_mean"]["mean"] == pytest.approx(expected["r_mean"]["mean"])
 
 
 def _tiny_backbone():

@@ -54,15 +54,15 @@ def test_chain_writes_a_synthetic_set(toy, tmp_path, space, caplog):
     assert "lors" in results["notes"] and "lors" not in results["methods"]  # not distilled by steps alone
 
 
-@pytest.mark.parametrize("real_loss", ["clip", "wbce"])
-def test_coresets_train_with_the_real_pairs_loss(toy, tmp_path, real_loss):
-    """Real pairs carry no learned similarity: the coreset rows train with eval.real_loss (default clip, as experts
-    and the full bound), recomputed here seed by seed; the distilled set's eval.loss does not reach them."""
+@pytest.mark.parametrize(("option", "real_loss"), [("auto", "clip"), ("clip", "clip"), ("wbce", "wbce")])
+def test_coresets_train_with_the_real_pairs_loss(toy, tmp_path, option, real_loss):
+    """Real pairs carry no learned similarity: the coreset rows train with eval.real_loss (auto: clip for fresh heads,
+    as experts and the full bound), recomputed here seed by seed; the distilled set's eval.loss does not reach them."""
     from repblend.stages.coresets import random_coreset
     from repblend.stages.evaluate import retrieval_of, train_heads
 
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "eval.loss=wbce",
-                                f"eval.real_loss={real_loss}", "eval.methods=[random]"])
+                                f"eval.real_loss={option}", "eval.methods=[random]"])
     caches = steps.encode(config)
     results = evaluation.evaluate(config, tmp_path, caches)
     assert results["protocol"]["real_loss"] == real_loss and results["protocol"]["loss"] == "wbce"
