@@ -202,7 +202,8 @@ def _check_lors_initial_pairs_train_with_wbce(run_dir: Path, overrides: list[str
     caches = steps.encode(lors)
     results = evaluation.evaluate(lors, run_dir / "lors", caches)
     assert results["protocol"]["init_loss"] == "wbce" and results["protocol"]["real_loss"] == "clip"
-    assert "its initial pairs with wbce, coresets (fresh heads) with clip" in (run_dir / "lors" / "results.md").read_text()
+    table = (run_dir / "lors" / "results.md").read_text()
+    assert "its initial pairs with wbce, coresets (fresh heads) with clip" in table
     measure = evaluation.protocol(lors, caches, lors.data.eval_split, torch.device("cpu"))
     syn = load_file(str(run_dir / "lors" / "distill" / "synthetic.safetensors"))
     lr0 = lors.distill.lr_teacher
