@@ -34,11 +34,11 @@ from repblend.stages.heads import HeadSpec
 def low_rank_update(start: torch.Tensor, end: torch.Tensor, spec: HeadSpec, rank: int) -> tuple[torch.Tensor, float]:
     """`end` with its first layer's move away from `start` cut to rank `rank`; the share of that move's squared
     Frobenius norm kept. Every other parameter is `end`'s."""
-    params = spec.unflatten(end.clone())
-    update = params["fc1.weight"] - spec.unflatten(start)["fc1.weight"]
+    params, start_w1 = spec.unflatten(end.clone()), spec.unflatten(start)["fc1.weight"]
+    update = params["fc1.weight"] - start_w1
     u, s, vh = torch.linalg.svd(update.double(), full_matrices=False)
     kept = (u[:, :rank] * s[:rank]) @ vh[:rank]
-    params["fc1.weight"].copy_(spec.unflatten(start)["fc1.weight"] + kept.to(update.dtype))
+    params["fc1.weight"].copy_(start_w1 + kept.to(update.dtype))
     total = float((s ** 2).sum())
     return torch.cat([params[name].reshape(-1) for name, _, _ in spec.layout()]), (
         float((s[:rank] ** 2).sum()) / total if total > 0 else 1.0)

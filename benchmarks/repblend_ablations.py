@@ -62,15 +62,26 @@ def run_arm(config_path: str, overrides: list[str], arm: list[str], out: Path, l
             | {k: results["diagnostics"][mode][k]["mean"] for k in COLUMNS[3:]},
             "init": {k: results["methods"]["init"][k]["mean"] for k in COLUMNS[:3]}
             | {k: results["diagnostics"]["init"][k]["mean"] for k in COLUMNS[3:]},
+            # the same pairs, trained as this arm's set is evaluated: asymmetric arms fine-tune the encoder
+            "init_model": "encoder" if evaluation.fine_tunes_encoder(config) else "heads",
             "curve": [{"iteration": r["iteration"], "loss_img": r["loss_img"], "loss_txt": r["loss_txt"],
                        **({"r_mean": r["eval"]["r_mean"], **r["eval"].get("diagnostics", {})} if "eval" in r else {})}
                       for r in rows]}
 
 
+def initial_rows(results: dict) -> dict[str, dict]:
+    """The initial pairs' row once per evaluation model among the arms (all arms start from the same pairs)."""
+    by_model = {r["init_model"]: r["init"] for r in results.values()}
+    if len(by_model) == 1:
+        return {"initial pairs": next(iter(by_model.values()))}
+    return {f"initial pairs ({'encoder fine-tuned' if model == 'encoder' else 'heads'})": init
+            for model, init in by_model.items()}
+
+
 def table(results: dict) -> str:
     lines = ["| arm | " + " | ".join(COLUMNS) + " | distill s |", "|---" * (len(COLUMNS) + 2) + "|"]
-    first = next(iter(results.values()))
-    lines.append("| initial pairs | " + " | ".join(f"{first['init'][k]:.3g}" for k in COLUMNS) + " | |")
+    for label, init in initial_rows(results).items():
+        lines.append(f"| {label} | " + " | ".join(f"{init[k]:.3g}" for k in COLUMNS) + " | |")
     for label, r in results.items():
         lines.append(f"| {label} | " + " | ".join(f"{r['final'][k]:.3g}" for k in COLUMNS)
                      + f" | {r['distill_seconds']} |")
@@ -85,9 +96,8 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    first = next(iter(results.values()))
-    ax.scatter([(first["init"]["sim_img"] + first["init"]["sim_txt"]) / 2], [first["init"]["gap"]], marker="x",
-               color="k", label="initial pairs")
+    for (label, init), marker in zip(initial_rows(results).items(), "x+"):
+        ax.scatter([(init["sim_img"] + init["sim_txt"]) / 2], [init["gap"]], marker=marker, color="k", label=label)
     for label, r in results.items():
         ax.scatter([(r["final"]["sim_img"] + r["final"]["sim_txt"]) / 2], [r["final"]["gap"]], label=label)
     ax.set(xlabel="Sim (mean of image and text)", ylabel="Gap", title="collapse diagnostics of the distilled sets")

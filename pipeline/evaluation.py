@@ -38,11 +38,16 @@ def train_settings(config: Config, **changes) -> TrainSettings:
     return dataclasses.replace(base, **changes)
 
 
-def real_pairs_loss(config: Config, fine_tunes_encoder: bool) -> str:
+def fine_tunes_encoder(config: Config) -> bool:
+    """LoRS sets are evaluated by fine-tuning the image encoder (the references' protocol), all others on heads."""
+    return config.distill.mode == "lors"
+
+
+def real_pairs_loss(config: Config, fine_tunes: bool) -> str:
     """The loss sets of real pairs train with: they have no learned similarity to match (eval.real_loss)."""
     if config.eval.real_loss != "auto":
         return config.eval.real_loss
-    return "wbce" if fine_tunes_encoder else "clip"
+    return "wbce" if fine_tunes else "clip"
 
 
 def ebr_settings(config: Config, training: str) -> EBRSettings | None:
@@ -118,7 +123,7 @@ def protocol(config: Config, caches: dict[str, FeatureCache], split: str, device
     into its feature space (the references' LoRS evaluation), so they need the split's pixels."""
     evalset = load_features(caches, split, device)
     train = load_features(caches, config.data.train_split, device)
-    if config.distill.mode != "lors":
+    if not fine_tunes_encoder(config):
         return Protocol((evalset.image_features, evalset.text_features, evalset.caption_to_image), None,
                         lambda idx: train.image_features[idx])
     from repblend.stages.lors import LorsModel
@@ -144,8 +149,9 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     seeds = eval_seeds(config)
     settings = train_settings(config)
-    real_settings = train_settings(config, loss=real_pairs_loss(config, fine_tunes_encoder=False))
-    init_loss = real_settings.loss
+    real_settings = train_settings(config, loss=real_pairs_loss(config, fine_tunes=False))  # coresets: heads
+    fine_tunes = fine_tunes_encoder(config)  # the run's own set and its initial pairs
+    init_loss = real_pairs_loss(config, fine_tunes)
     n = config.distill.num_queries
     lr0 = config.distill.lr_teacher
     methods, notes = {}, {}
@@ -162,7 +168,6 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
         started = time.perf_counter()
         init = PairSet(measure.train_images(syn["init_image_index"]), train.text_features[syn["init_caption_index"]],
                        None, lr0, lr0)
-        init_loss = real_pairs_loss(config, fine_tunes_encoder=measure.model is not None)
         methods["init"] = evaluate_pairs(init, train_settings(config, loss=init_loss), measure.eval_features, seeds,
                                          device, diagnose=True, model=measure.model)
         _log_row("init", methods["init"], started)
@@ -208,7 +213,7 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                "protocol": {"epochs": settings.epochs, "loss": settings.loss, "momentum": settings.momentum,
                             "weight_decay": settings.weight_decay, "coreset_lr": lr0,
                             "real_loss": real_settings.loss, "init_loss": init_loss,
-                            "fine_tunes_encoder": own == "lors",  # the run's own method's evaluation model
+                            "fine_tunes_encoder": fine_tunes,
                             "ebr": dataclasses.asdict(settings.ebr) if settings.ebr else None}}
     write_json(run_dir / "results.json", results)
     write_text(run_dir / "results.md", results_table(results))

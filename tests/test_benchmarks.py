@@ -190,6 +190,10 @@ def test_repblend_ablations_small(tmp_path, capsys, study):
                for name in ("results.json", "table.md", "sim_gap.png", "over_iterations.png", "matching_losses.png"))
     if study == "matching":  # the two matching modes never share experts
         assert {p.name for p in (tmp_path / "out").glob("buffer-*")} == {"buffer-repblend", "buffer-lors"}
+        # the asymmetric arms' initial pairs train through the fine-tuned encoder: a row of their own
+        assert "| initial pairs (heads) |" in out and "| initial pairs (encoder fine-tuned) |" in out
+    else:
+        assert "| initial pairs |" in out
 
 
 def test_low_rank_update_keeps_the_best_rank_k_move_of_the_first_layer_only():
