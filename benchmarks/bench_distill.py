@@ -2,12 +2,14 @@
 
     python benchmarks/bench_distill.py --small          # tiny random encoder, 32 px: seconds on a CPU
     python benchmarks/bench_distill.py --device cuda    # EfficientNet-Lite0 (package weights), 224 px, MiniLM texts
+    python benchmarks/bench_distill.py --device cuda --pairs 99 --compile default reduce-overhead   # P7
     python benchmarks/bench_distill.py --device cuda --encoder nfnet_l0 --weights random \\
         --text-dim 768 --embed-dim 2304                 # the paper's shape (P1, P2)
 
 Both modes run on the same random problem in one process, one after the other (fresh state each):
 - fast: `Distiller.step` in pixel space; each synthetic image the iteration uses is encoded once and its features
-  serve every student step (and both TESLA passes); grad modes tesla and unroll;
+  serve every student step (and both TESLA passes); grad modes tesla and unroll; with --compile, also the exact
+  unroll compiled whole by torch.compile in each given mode (stages/fused.py; compiling is in the warm-up);
 - reference: the same iteration with `stages.reference_loop.match_tesla_reencode`: every student step re-encodes
   its mini-batch through the frozen encoder, in both TESLA passes (pass 1 builds its graph, as the references do).
 Prints the median seconds per iteration, peak memory (CUDA: max_memory_allocated; CPU: peak RSS growth over the
@@ -92,7 +94,8 @@ def random_trajectories(specs: tuple[HeadSpec, HeadSpec], experts: int, device: 
 
 
 def build(args: argparse.Namespace, pairs: int, encoder: torch.nn.Module, trajs: list[Trajectory],
-          specs: tuple[HeadSpec, HeadSpec], grad_mode: str, device: torch.device, encode_chunk: int = 0) -> Distiller:
+          specs: tuple[HeadSpec, HeadSpec], grad_mode: str, device: torch.device, encode_chunk: int = 0,
+          compile_mode: str | None = None) -> Distiller:
     """A fresh distiller on random pixels and texts (same seed for every mode, so the draws agree)."""
     g = torch.Generator().manual_seed(args.seed)
     images = torch.randn(pairs, 3, args.image_size, args.image_size, generator=g)
@@ -102,7 +105,8 @@ def build(args: argparse.Namespace, pairs: int, encoder: torch.nn.Module, trajs:
                                mini_batch_size=args.mini_batch, grad_mode=grad_mode, encode_chunk=encode_chunk)
     # small outer lrs: random data must not diverge while being timed
     outer = OuterSettings(lr_img=1e-3, lr_txt=1e-3, lr_lr=1e-6, lr_sim=1e-3)
-    return Distiller(syn, trajs, specs, settings, outer, seed=args.seed, image_encoder=encoder, device=device)
+    return Distiller(syn, trajs, specs, settings, outer, seed=args.seed, image_encoder=encoder, device=device,
+                     compile=compile_mode)
 
 
 def reference_grads(d: Distiller, trajs: list[Trajectory], sample, pass1_graph: bool):
@@ -171,6 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fast-modes", nargs="+", default=["tesla", "unroll"], choices=["tesla", "unroll"])
     ap.add_argument("--encode-chunks", type=int, nargs="+", default=[0, 20],
                     help="fast path's distill.encode_chunk values (0 = keep the whole encoder graph)")
+    ap.add_argument("--compile", nargs="*", default=[], metavar="MODE",
+                    help="also time the exact unroll compiled in these torch.compile modes (default, reduce-overhead)")
     ap.add_argument("--ref-pass1-nograd", action="store_true", help="reference pass 1 without a graph (less memory)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 cuts noise on a shared CPU)")
@@ -207,23 +213,26 @@ def main(argv: list[str] | None = None) -> dict:
           f"({args.weights}, {args.image_size} px, {encoder.feature_dim}-d); text {args.text_dim}-d; heads -> "
           f"{args.embed_dim}; syn_steps {args.syn_steps}, mini-batch {args.mini_batch}; {args.iterations} timed "
           f"iterations after {args.warmup} warm-up (median)")
-    print(f"{'pairs':>5}  {'mode':28} {'s/iter':>9} {mem_unit:>11} {'enc fwd/it':>10} {'speed-up':>9} {'mem ratio':>9}")
+    print(f"{'pairs':>5}  {'mode':40} {'s/iter':>9} {mem_unit:>11} {'enc fwd/it':>10} {'speed-up':>9} {'mem ratio':>9}")
     figures: dict = {"rows": [], "agreement": {}}
     for pairs in args.pairs:
         check = build(args, pairs, encoder, trajs, specs, "tesla", device)
         figures["agreement"][pairs] = agreement(check, trajs, pass1_graph)
         del check
         cells = {}
-        # (label, grad_mode, encode_chunk); None marks the reference loop
-        variants = [(f"fast ({m}{f', chunk {c}' if c else ''})", m, c) for m in args.fast_modes
-                    for c in args.encode_chunks] + [("reference (tesla, re-encode)", "tesla", None)]
-        modes = [label for label, _, _ in variants]
-        for mode, grad_mode, chunk in reversed(variants):  # the reference first: every row is compared with it
-            d = build(args, pairs, encoder, trajs, specs, grad_mode, device, chunk or 0)
+        # (label, grad_mode, encode_chunk, compile mode); chunk None marks the reference loop
+        variants = ([(f"fast ({m}{f', chunk {c}' if c else ''})", m, c, None) for m in args.fast_modes
+                     for c in args.encode_chunks]
+                    + [(f"fast (unroll, compiled {c})", "unroll", 0, c) for c in args.compile]
+                    + [("reference (tesla, re-encode)", "tesla", None, None)])
+        modes = [label for label, *_ in variants]
+        for mode, grad_mode, chunk, compiled in reversed(variants):  # the reference first: rows are compared with it
+            d = build(args, pairs, encoder, trajs, specs, grad_mode, device, chunk or 0, compiled)
             step = (lambda d=d: reference_step(d, trajs, pass1_graph)) if chunk is None else d.step
+            warmup = max(args.warmup, 3) if compiled else args.warmup  # compiling (and CUDA graph recording)
             calls[0] = 0
-            seconds, mem = measure(step, args.iterations, args.warmup, device, peak)
-            cells[mode] = (seconds, mem, calls[0] / (args.iterations + args.warmup))
+            seconds, mem = measure(step, args.iterations, warmup, device, peak)
+            cells[mode] = (seconds, mem, calls[0] / (args.iterations + warmup))
             del d, step
             gc.collect()
             if device.type == "cuda":
@@ -232,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in modes:
             seconds, mem, fwd = cells[mode]
             mem_ratio = f"{mem / ref_mem:.2f}" if mem is not None and ref_mem else "n/a"
-            print(f"{pairs:>5}  {mode:28} {seconds:9.4f} {_fmt_mem(mem, device):>11} {fwd:10.1f} "
+            print(f"{pairs:>5}  {mode:40} {seconds:9.4f} {_fmt_mem(mem, device):>11} {fwd:10.1f} "
                   f"{ref_s / seconds:8.1f}x {mem_ratio:>9}", flush=True)
             figures["rows"].append({"pairs": pairs, "mode": mode, "seconds": seconds, "memory": mem,
                                     "encoder_forwards": fwd, "speedup": ref_s / seconds})

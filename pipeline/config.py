@@ -209,6 +209,11 @@ class DistillConfig:
     grad_mode: str = "unroll"  # unroll (exact; faster here) | tesla (the references' constant-memory two passes)
     pix_init: str = "real"  # real | noise
     encode_chunk: int = 0  # pixel space: 0 = keep the encoder graph of all images used; k = recompute k at a time
+    # torch.compile the exact unroll (stages/fused.py): the first iteration compiles, later ones run faster. Covers
+    # RepBlend mode with grad_mode=unroll and no blend.noise; elsewhere the eager loop runs (the log says so)
+    compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
+    compile_scope: str = "step"  # one graph per student step (compiles fast) | unroll (the whole unroll, slower)
     ckpt_every: int = 100
     eval_every: int = 0  # log eval-split recall of the current set every N iterations (1 seed; never selects)
 
@@ -223,6 +228,9 @@ class DistillConfig:
         _choice("distill.grad_mode", self.grad_mode, ("tesla", "unroll"))
         _choice("distill.pix_init", self.pix_init, ("real", "noise"))
         _choice("distill.optimizer", self.optimizer, ("sgd", "adam"))
+        _choice("distill.compile_mode", self.compile_mode,
+                ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        _choice("distill.compile_scope", self.compile_scope, ("step", "unroll"))
         _positive("distill.lr_floor", self.lr_floor, allow_zero=True)
         for key in ("num_queries", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
                     "mini_batch_size", "sim_rank", "ckpt_every"):

@@ -22,6 +22,8 @@ from repblend.stages.errors import CacheError, ConfigError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
 
 if TYPE_CHECKING:
+    from repblend.pipeline.config import DistillConfig
+    from repblend.stages.distill import DistillSettings
     from repblend.stages.distiller import Distiller
 
 log = logging.getLogger("repblend")
@@ -415,8 +417,24 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
                           optimizer=dc.optimizer, lr_floor=dc.lr_floor)
     distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed,
                           image_encoder=encoder if dc.mode == "repblend" else None,  # LoRS: pixels go to the student
-                          device=device, rank=rank, mean_across_workers=mean_across_workers)
+                          device=device, rank=rank, mean_across_workers=mean_across_workers,
+                          compile=compile_mode(dc, specs, settings), compile_scope=dc.compile_scope)
     return DistillJob(distiller, encoder, image_idx, caption_idx)
+
+
+def compile_mode(dc: DistillConfig, specs, settings: DistillSettings) -> str | None:
+    """The torch.compile mode the distiller gets: None where distill.compile is off or does not apply."""
+    from repblend.stages.fused import unsupported
+
+    if not dc.compile:
+        return None
+    reason = unsupported(specs, settings)
+    if reason is not None:
+        log.info("distill.compile does not apply here (%s): the eager loop runs", reason)
+        return None
+    log.info("distill: torch.compile (mode %s, one graph per %s); the first iteration compiles", dc.compile_mode,
+             "student step" if dc.compile_scope == "step" else "student unroll")
+    return dc.compile_mode
 
 
 def open_metrics(path: Path, iteration: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from repblend.stages.buffer import Trajectory
 from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, match_tesla,
                                      match_unrolled, sample_batches)
 from repblend.stages.errors import RepblendError
+from repblend.stages.fused import FusedMatch
 from repblend.stages.heads import HeadSpec
 from repblend.stages.io import atomic_path
 
@@ -73,9 +75,16 @@ class Distiller:
     rank: int = 0  # data-parallel rank: each rank draws its own experts, start epochs and batches
     # data-parallel runs average in place across workers (gradients, then the logged numbers); None = one process
     mean_across_workers: Callable[[list[torch.Tensor]], None] | None = None
+    # a torch.compile mode for the exact unroll (stages/fused.py), compiling a student step or the whole unroll
+    # (compile_scope); None = the eager loop
+    compile: str | None = None
+    compile_scope: str = "step"
 
     def __post_init__(self) -> None:
         self.syn.to(self.device)
+        self._fused = None if self.compile is None else FusedMatch(self.specs, self.settings, self.compile,
+                                                                  self.compile_scope)
+        self._fused_ran = False
         self.rng = np.random.default_rng(self.seed if self.rank == 0 else [self.seed, self.rank])
         groups = [
             {"params": [self.syn.images], "lr": self.outer.lr_img},
@@ -147,8 +156,20 @@ class Distiller:
         target = (traj.image[end], traj.text[end])
         self.optimizer.zero_grad(set_to_none=True)
         features, encoded, used = self._features(sample.batches)
-        match = match_unrolled if self.settings.grad_mode == "unroll" else match_tesla
-        result: MatchResult = match(features, self.syn, self.specs, start, target, sample.batches, self.settings)
+        if self._fused is not None:
+            try:
+                result = self._fused(features, self.syn, start, target, sample.batches)
+            except Exception as error:  # noqa: BLE001 - only the first call, where torch.compile builds the graph
+                if self._fused_ran:
+                    raise
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); distilling with the eager "
+                              "loop instead", stacklevel=2)
+                self._fused = None
+                return self.gradients(sample)
+            self._fused_ran = True
+        else:
+            match = match_unrolled if self.settings.grad_mode == "unroll" else match_tesla
+            result = match(features, self.syn, self.specs, start, target, sample.batches, self.settings)
         if encoded is not None:
             self._backward_to_pixels(features, encoded, used)
         return result

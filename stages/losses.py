@@ -125,7 +125,10 @@ class LowRankSimilarity(nn.Module):
         return torch.diag(self.a) + self.scale * (self.L @ self.R.t())
 
     def block(self, idx: Tensor) -> Tensor:
-        idx = _check_index(idx, self.n).to(self.a.device)
+        return self.block_unchecked(_check_index(idx, self.n).to(self.a.device))
+
+    def block_unchecked(self, idx: Tensor) -> Tensor:
+        """`block` for indices known to be valid (no host sync, so it compiles into one graph)."""
         same = (idx[:, None] == idx[None, :]).to(self.a.dtype)
         return same * self.a[idx][:, None] + self.scale * (self.L[idx] @ self.R[idx].t())
 
@@ -150,7 +153,9 @@ class FullSimilarity(nn.Module):
         return self.S
 
     def block(self, idx: Tensor) -> Tensor:
-        idx = _check_index(idx, self.n).to(self.S.device)
+        return self.block_unchecked(_check_index(idx, self.n).to(self.S.device))
+
+    def block_unchecked(self, idx: Tensor) -> Tensor:
         return self.S[idx[:, None], idx[None, :]]
 
     def forward(self, idx: Tensor | None = None) -> Tensor:

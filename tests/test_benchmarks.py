@@ -103,10 +103,12 @@ def test_reference_loop_equals_fast_path(merge, blend, pass1_graph):
 
 def test_bench_distill_small(capsys):
     figures = _load("distill").main(["--small", "--pairs", "9", "17", "--iterations", "1", "--warmup", "0",
-                                     "--syn-steps", "2", "--mini-batch", "4", "--threads", "1"])
+                                     "--syn-steps", "2", "--mini-batch", "4", "--threads", "1", "--compile", "default"])
     out = capsys.readouterr().out
     assert "s/iter" in out and "speed-up" in out and out.count("reference (tesla, re-encode)") == 2
-    assert len(figures["rows"]) == 2 * (2 * 2 + 1)  # pairs x (grad modes x encode chunks 0/20 + the reference)
+    assert out.count("fast (unroll, compiled default)") == 2
+    # pairs x (grad modes x encode chunks 0/20 + the compiled unroll + the reference)
+    assert len(figures["rows"]) == 2 * (2 * 2 + 1 + 1)
     for row in figures["rows"]:
         assert row["seconds"] > 0 and row["speedup"] > 0
         # reference: 2 passes x 2 steps; chunked: a graph-free forward, then one recompute (<= 8 images < 20)

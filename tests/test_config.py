@@ -67,6 +67,8 @@ def test_override_beats_file(tmp_path):
         (["distill.lr_img=-1"], "distill.lr_img=-1"),
         (["distill.sim_rank=500"], "distill.sim_rank=500"),
         (["model.dropout=1.5"], "model.dropout=1.5"),
+        (["distill.compile_mode=fast"], "distill.compile_mode='fast'"),
+        (["distill.compile_scope=all"], "distill.compile_scope='all'"),
         (["justakey"], "'justakey' is not of the form key=value"),
     ],
 )
