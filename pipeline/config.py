@@ -260,6 +260,8 @@ class EvalConfig:
     )
     full_lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])  # full-data bound: SGD lrs swept
     full_epochs: int = 20  # cosine schedule length; the best (lr, epoch) on the eval split is the bound
+    # the bound is kept beside the feature cache and read back by runs with the same features, protocol and seeds
+    reuse_full: bool = True
 
     def __post_init__(self) -> None:
         _choice("eval.loss", self.loss, ("wbce", "clip"))

@@ -182,3 +182,31 @@ def test_distill_compile_gives_the_eager_set_and_says_where_it_does_not_apply(to
         steps.distill(tesla, tmp_path / "tesla", caches)
     assert "distill.compile does not apply here (distill.grad_mode=tesla (the fused form is the exact unroll))" \
         in caplog.text
+
+
+def test_full_bound_is_read_back_by_runs_on_the_same_features_and_protocol(toy, tmp_path, caplog):
+    """The bound does not depend on the distilled set: a second run reads it back (same numbers, no training); another
+    protocol, other seeds or eval.reuse_full=false train it again."""
+    common = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature", *STABLE_LRS, *TINY,
+              "eval.methods=[full]"]
+
+    def bound(name: str, *overrides: str) -> tuple[dict, bool]:
+        config = load_config(None, [*common, *overrides])
+        caches = steps.encode(config)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="repblend"):
+            results = evaluation.evaluate(config, tmp_path / name, caches)
+        trained = caplog.text.count("eval full: lr ") == len(config.eval.full_lrs)
+        assert trained != ("eval full: read back from" in caplog.text)
+        return results, trained
+
+    first, trained = bound("a")
+    assert trained and not (tmp_path / "a" / "buffer").exists()  # it needs no experts
+    again, trained = bound("b", "distill.num_queries=6")  # another N: the same bound
+    assert not trained and again["methods"]["full"] == first["methods"]["full"]
+    assert again["notes"]["full"]["reused"].startswith(str(tmp_path / "cache" / "bounds" / "full-"))
+    assert "read back from" in (tmp_path / "b" / "results.md").read_text()
+    assert {k: v for k, v in again["notes"]["full"].items() if k != "reused"} == first["notes"]["full"]
+    for overrides in (["eval.full_epochs=3"], ["eval.weight_decay=0.001"], ["run.seed=1"], ["eval.reuse_full=false"]):
+        _, trained = bound("c", *overrides)
+        assert trained, overrides
