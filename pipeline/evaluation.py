@@ -122,8 +122,8 @@ def full_bound_key(config: Config, caches: dict[str, FeatureCache], device: torc
 def reused_full_bound(config: Config, caches: dict[str, FeatureCache], train, evalset,
                       device: torch.device) -> tuple[dict, dict]:
     """`full_bound`, kept beside the feature cache. It does not depend on the distilled set, so later runs on the same
-    features, protocol and seeds (other N, blend settings, sweeps) read it back instead of training it again: that
-    training is most of a CPU run (28 of 48 minutes for Flickr8k). eval.reuse_full=false trains it anew."""
+    features, protocol and seeds (other N, blend settings, sweeps) read it back instead of training it again (Flickr8k
+    on 2 CPU cores: 97 s per lr alone, 17 min in all beside two other jobs). eval.reuse_full=false trains it anew."""
     key = full_bound_key(config, caches, device)
     name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = caches[config.data.train_split].tensors_path.parent / "bounds" / f"full-{name}.json"
