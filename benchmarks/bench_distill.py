@@ -9,7 +9,8 @@
 Both modes run on the same random problem in one process, one after the other (fresh state each):
 - fast: `Distiller.step` in pixel space; each synthetic image the iteration uses is encoded once and its features
   serve every student step (and both TESLA passes); grad modes tesla and unroll; with --compile, also the exact
-  unroll compiled whole by torch.compile in each given mode (stages/fused.py; compiling is in the warm-up);
+  unroll through torch.compile in each given mode, one graph per student step (stages/fused.py; compiling is in
+  the warm-up);
 - reference: the same iteration with `stages.reference_loop.match_tesla_reencode`: every student step re-encodes
   its mini-batch through the frozen encoder, in both TESLA passes (pass 1 builds its graph, as the references do).
 Prints the median seconds per iteration, peak memory (CUDA: max_memory_allocated; CPU: peak RSS growth over the
