@@ -77,10 +77,15 @@ def _coresets(method: str, train, n: int, seeds: list[int]) -> list[torch.Tensor
     return [kcenter_coreset(pair_features, n, seed) for seed in seeds]
 
 
+def full_settings(config: Config) -> TrainSettings:
+    """How the full-data bound trains: `full_bound` trains with it and `full_bound_key` keys the kept bound on it."""
+    return train_settings(config, loss="clip", schedule="cosine", epochs=config.eval.full_epochs)
+
+
 def full_bound(config: Config, train, evalset, device: torch.device) -> tuple[dict, dict]:
     """All real pairs, CLIP loss, cosine schedule; (lr, epoch) swept on the eval split, so the bound is strong
     (a weak bound would inflate the share of the gap that distillation closes)."""
-    settings = train_settings(config, loss="clip", schedule="cosine", epochs=config.eval.full_epochs)
+    settings = full_settings(config)
     everything = torch.arange(train.text_features.shape[0], device=device)
     eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     curve: list[tuple[float, int, dict]] = []
@@ -112,11 +117,10 @@ def _file_digest(path: Path) -> str:
 
 def full_bound_key(config: Config, caches: dict[str, FeatureCache], device: torch.device) -> dict:
     """Everything the full-data bound depends on: the cached features (by content), the protocol, lrs and seeds."""
-    settings = train_settings(config, loss="clip", schedule="cosine", epochs=config.eval.full_epochs)
     return {"train": _file_digest(caches[config.data.train_split].tensors_path),
             "eval": _file_digest(caches[config.data.eval_split].tensors_path),
-            "settings": dataclasses.asdict(settings), "lrs": list(config.eval.full_lrs), "run_seed": config.run.seed,
-            "seeds": eval_seeds(config), "device": device.type, "torch": torch.__version__}
+            "settings": dataclasses.asdict(full_settings(config)), "lrs": list(config.eval.full_lrs),
+            "run_seed": config.run.seed, "seeds": eval_seeds(config), "device": device.type, "torch": torch.__version__}
 
 
 def reused_full_bound(config: Config, caches: dict[str, FeatureCache], train, evalset,

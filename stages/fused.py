@@ -22,7 +22,7 @@ from functools import lru_cache, partial
 import torch
 from torch.func import grad
 
-from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, _matching,
+from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, _matching, blend,
                                      student_loss)
 from repblend.stages.heads import HeadSpec
 from repblend.stages.lors import EncoderSpec
@@ -47,10 +47,7 @@ def student_step(theta_img: torch.Tensor, theta_txt: torch.Tensor, features: tor
                  settings: DistillSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step of the student heads on rows `rows` of the set, blended as `lam * x + (1 - lam) * x[perm]`
     (no blending when `lam` is None); differentiable w.r.t. everything it reads."""
-    x, v = features[rows], texts[rows]
-    if lam is not None:
-        x = lam * x + (1 - lam) * x[perm]
-        v = lam * v + (1 - lam) * v[perm]
+    x, v = blend(features[rows], lam, perm), blend(texts[rows], lam, perm)
     loss = partial(student_loss, img_spec=specs[0], txt_spec=specs[1], settings=settings)
     g_img, g_txt = grad(loss, argnums=(0, 1))(theta_img, theta_txt, x, v, sim.block_unchecked(rows))
     return theta_img - lr_img * g_img, theta_txt - lr_txt * g_txt
