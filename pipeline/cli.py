@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from repblend.stages.errors import RepblendError
+from repblend.stages.errors import ConfigError, RepblendError
 
 log = logging.getLogger("repblend")
 
@@ -22,6 +22,7 @@ _STAGE_COMMANDS = {
     "encode": "encode the train and eval splits with the frozen encoders into a feature cache",
     "buffer": "train expert trajectories on the cached features",
     "distill": "distill the synthetic set",
+    "invert": "turn a feature-space distilled set into images (invert.enabled)",
     "eval": "evaluate the distilled set, coresets and the full-data bound",
     "tune": "Ray Tune search over the blend parameters",
     "export": "write the distilled set as safetensors and WebDataset shards",
@@ -73,6 +74,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(to_yaml(config), end="")
         return 0
+    if args.command == "invert" and not config.invert.enabled:
+        raise ConfigError(f"{args.config}: invert.enabled is false (set invert.enabled=true, with distill.space=feature)")
     if args.command == "convert":
         from repblend.stages.wds import write_webdataset
 
@@ -109,11 +112,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if lors is not None:
         distillations.append((lors, run_dir / "lors", "lors_"))
     for sub_config, sub_dir, stage in distillations:
-        if args.command in ("buffer", "distill", "export", "run"):
+        if args.command in ("buffer", "distill", "invert", "export", "run"):
             buffer_dir = _buffer(sub_config, sub_dir, caches)
             mark_stage_done(run_dir, f"{stage}buffer", {"dir": str(buffer_dir)})
-        if args.command in ("distill", "export", "run"):
+        if args.command in ("distill", "invert", "export", "run"):
             mark_stage_done(run_dir, f"{stage}distill", {"synthetic": str(_distill(sub_config, sub_dir, caches))})
+    if args.command in ("invert", "export", "run") and config.invert.enabled:
+        from repblend.pipeline.inversion import invert
+
+        mark_stage_done(run_dir, "invert", {"synthetic": str(invert(config, run_dir, caches))})
     if args.command in ("eval", "run"):
         evaluation.evaluate(config, run_dir, caches)
         mark_stage_done(run_dir, "eval", {"results": str(run_dir / "results.json")})

@@ -208,6 +208,9 @@ class DistillConfig:
     merge_loss_branches: bool = False  # COCO scripts: (img + txt) / (D_img + D_txt)
     grad_mode: str = "unroll"  # unroll (exact; faster here) | tesla (the references' constant-memory two passes)
     pix_init: str = "real"  # real | noise
+    # feature space: keep the synthetic image features inside the range of the cached real ones (for an encoder
+    # ending in ReLU6 + pooling, [0, 6]), which is what the encoder can produce: a set that can be inverted to pixels
+    clamp_features: bool = False
     encode_chunk: int = 0  # pixel space: 0 = keep the encoder graph of all images used; k = recompute k at a time
     # torch.compile the exact unroll (stages/fused.py): the first iteration compiles, later ones run faster. Covers
     # RepBlend mode with grad_mode=unroll and no blend.noise; elsewhere the eager loop runs (the log says so)
@@ -232,6 +235,9 @@ class DistillConfig:
                 ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         _choice("distill.compile_scope", self.compile_scope, ("step", "unroll"))
         _positive("distill.lr_floor", self.lr_floor, allow_zero=True)
+        if self.clamp_features and self.space != "feature":
+            raise ConfigError("distill.clamp_features=true keeps synthetic image features in the encoder's range; "
+                              "it needs distill.space=feature (pixel sets are in range by construction)")
         for key in ("num_queries", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
                     "mini_batch_size", "sim_rank", "ckpt_every"):
             _positive(f"distill.{key}", getattr(self, key))
@@ -365,6 +371,23 @@ class ExportConfig:
 
 
 @dataclass
+class InvertConfig:
+    """Feature-to-pixel inversion of a feature-space set (stages/invert.py): the set published as images."""
+
+    # after distilling in feature space, find images whose encodings are the distilled features (each starts from
+    # the real image its pair started from); evaluated as its own row, kept in <run>/invert
+    enabled: bool = False
+    steps: int = 300  # Adam steps per batch of images
+    lr: float = 0.05  # on pixels in the encoder's normalised space
+    batch_size: int = 33
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size"):
+            _positive(f"invert.{key}", getattr(self, key))
+        _positive("invert.lr", self.lr)
+
+
+@dataclass
 class RunConfig:
     name: str = ""  # "" = the config file's stem
     seed: int = 0
@@ -387,7 +410,14 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    invert: InvertConfig = field(default_factory=InvertConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.invert.enabled and (self.distill.space != "feature" or self.distill.mode != "repblend"):
+            raise ConfigError("invert.enabled=true turns a feature-space RepBlend set into pixels; it needs "
+                              f"distill.space=feature and distill.mode=repblend (got {self.distill.space}, "
+                              f"{self.distill.mode})")
 
 
 def _known_keys(schema: Any, prefix: str = "") -> list[str]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from repblend.pipeline.config import Config
-from repblend.pipeline.steps import (build_image_encoder, buffer_dir_of, load_features, lors_baseline,
+from repblend.pipeline.steps import (build_image_encoder, buffer_dir_of, inverted_path, load_features, lors_baseline,
                                      resolve_device, split_pixels)
 from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
 from repblend.stages.encode import FeatureCache
@@ -26,6 +26,8 @@ from repblend.stages.diagnostics import DIAGNOSTICS
 from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, retrieval_of, set_diagnostics,
                                       summarize, train_heads)
 from repblend.stages.io import read_json, write_json, write_text
+
+INVERTED = "repblend_pixels"  # the results row of the feature set inverted to images (invert.enabled)
 
 log = logging.getLogger("repblend")
 
@@ -211,6 +213,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
         methods["init"] = evaluate_pairs(init, train_settings(config, loss=init_loss), measure.eval_features, seeds,
                                          device, diagnose=True, model=measure.model)
         _log_row("init", methods["init"], started)
+        if config.invert.enabled:
+            _inverted_row(config, run_dir, measure, settings, seeds, device, methods, notes)
     for method in config.eval.methods:
         started = time.perf_counter()
         if method in ("random", "herding", "kcenter"):
@@ -258,6 +262,24 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     write_json(run_dir / "results.json", results)
     write_text(run_dir / "results.md", results_table(results))
     return results
+
+
+def _inverted_row(config: Config, run_dir: Path, measure: Protocol, settings: TrainSettings, seeds: list[int],
+                  device: torch.device, methods: dict, notes: dict) -> None:
+    """The row of the set inverted to pixels: trained on its encoded pixels, as a pixel-space set would be."""
+    path = inverted_path(run_dir)
+    if not path.is_file():
+        notes[INVERTED] = f"not inverted yet ({path}; `repblend run` or `repblend invert` makes it)"
+        return
+    started = time.perf_counter()
+    methods[INVERTED] = evaluate_synthetic(load_file(str(path), device=str(device)), measure, settings, seeds, device)
+    _log_row(INVERTED, methods[INVERTED], started)
+    summary = read_json(path.parent / "summary.json")
+    size = config.encoders.image.image_size
+    notes[INVERTED] = (f"the {config.distill.mode} feature set inverted to {size} px images "
+                       f"({summary['steps']} Adam steps from its real initial images): their encodings are at "
+                       f"relative error {summary['relative_error_mean']:.3f} (cosine {summary['cosine_mean']:.4f}) "
+                       "from the distilled features")
 
 
 def _log_row(name: str, metrics: dict, started: float) -> None:

@@ -118,7 +118,7 @@ def pixel_sources(run_dir: Path):
 
     try:
         config = load_config(run_dir / "config.yaml")
-        if config.distill.space != "pixel":
+        if config.distill.space != "pixel" and not config.invert.enabled:
             return None, None
         encoder = steps.build_image_encoder(config, torch.device("cpu"))
         manifest = json.loads((run_dir / "stages.json").read_text())["encode"][config.data.train_split]
@@ -157,11 +157,15 @@ def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
 
         distilled = load_distilled(synthetic)
         lines += ["## The distilled set", "", f"![similarity]({plot_similarity(distilled.similarity, out)})", ""]
-        if distilled.pixel_space and denormalize is not None:
-            init = initial_pixels(distilled.init_image_index[:8]) if initial_pixels is not None else None
-            lines += [f"![images]({plot_images(distilled.images, init, denormalize, out)})", ""]
-        elif not distilled.pixel_space:
+        inverted = run_dir / "invert" / "synthetic.safetensors"  # a feature set's images (invert.enabled)
+        shown = distilled if distilled.pixel_space else load_distilled(inverted) if inverted.is_file() else None
+        if shown is None:
             lines += ["Feature space: the synthetic image side is a feature tensor, there are no pixels to show.", ""]
+        elif denormalize is not None:
+            init = initial_pixels(shown.init_image_index[:8]) if initial_pixels is not None else None
+            if shown is not distilled:
+                lines += ["Feature space, inverted to images (`invert.enabled`, `invert/synthetic.safetensors`):", ""]
+            lines += [f"![images]({plot_images(shown.images, init, denormalize, out)})", ""]
     path = out / "report.md"
     write_text(path, "\n".join(lines))
     return path

@@ -358,6 +358,11 @@ def synthetic_path(run_dir: Path) -> Path:
     return run_dir / "distill" / "synthetic.safetensors"
 
 
+def inverted_path(run_dir: Path) -> Path:
+    """The feature set's images (invert.enabled, pipeline/inversion.py)."""
+    return run_dir / "invert" / "synthetic.safetensors"
+
+
 def distill_is_complete(config: Config, run_dir: Path) -> bool:
     path = synthetic_path(run_dir)
     if path.is_file() and _saved_iterations(path) == config.distill.iterations:
@@ -414,7 +419,9 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
                                noise=config.blend.noise,
                                encode_chunk=dc.encode_chunk)
     outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum,
-                          optimizer=dc.optimizer, lr_floor=dc.lr_floor)
+                          optimizer=dc.optimizer, lr_floor=dc.lr_floor,
+                          image_range=(float(train.image_features.min()), float(train.image_features.max()))
+                          if dc.clamp_features else None)
     distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed,
                           image_encoder=encoder if dc.mode == "repblend" else None,  # LoRS: pixels go to the student
                           device=device, rank=rank, mean_across_workers=mean_across_workers,
@@ -542,28 +549,35 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, p
 
 
 def export(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
-    """run_dir/export: the distilled set's safetensors (with its config) and WebDataset shards to publish."""
+    """run_dir/export: the distilled set's safetensors (with its config) and WebDataset shards to publish; with
+    invert.enabled, its images in run_dir/export/pixels the same way."""
+    out = run_dir / "export"
+    _export_set(config, caches, synthetic_path(run_dir), out)
+    if config.invert.enabled and inverted_path(run_dir).is_file():
+        _export_set(config, caches, inverted_path(run_dir), out / "pixels")
+    return out
+
+
+def _export_set(config: Config, caches: dict[str, FeatureCache], source: Path, out: Path) -> None:
     import shutil
 
     from repblend.stages.export import load_distilled, shard_samples
     from repblend.stages.io import atomic_path
     from repblend.stages.wds import write_samples
 
-    distilled = load_distilled(synthetic_path(run_dir))
+    distilled = load_distilled(source)
     cpu = torch.device("cpu")
     train = load_features(caches, config.data.train_split, cpu)
     denormalize = build_image_encoder(config, cpu).preprocess.denormalize if distilled.pixel_space else None
-    out = run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "synthetic.safetensors") as tmp:
-        shutil.copyfile(synthetic_path(run_dir), tmp)
+        shutil.copyfile(source, tmp)
     init_ids = [train.image_ids[i] for i in distilled.init_image_index.tolist()]
     shards = write_samples(shard_samples(distilled, train.captions, train.text_features, denormalize,
                                          k=config.export.nearest_captions, init_image_ids=init_ids),
                            out / "shards", shard_size=config.export.shard_size, prefix="distilled")
     log.info("export: %d pairs -> %s and %d shard(s) in %s", distilled.num_pairs, out / "synthetic.safetensors",
              len(shards), out / "shards")
-    return out
 
 
 def _image_features(syn, encoder) -> torch.Tensor:

@@ -39,6 +39,8 @@ class OuterSettings:
     momentum: float = 0.5
     optimizer: str = "sgd"  # sgd (reference, momentum) | adam (scale-free; suits feature space)
     lr_floor: float = 0.0  # clamp learned student lrs at this floor after each update (0 = no clamp)
+    # feature space: clamp the synthetic image features into [low, high] after each update (None = free)
+    image_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,9 @@ class Distiller:
             with torch.no_grad():
                 self.syn.syn_lr_img.clamp_(min=self.outer.lr_floor)
                 self.syn.syn_lr_txt.clamp_(min=self.outer.lr_floor)
+        if self.outer.image_range is not None:
+            with torch.no_grad():
+                self.syn.images.clamp_(*self.outer.image_range)
         self.iteration += 1
         # the iteration's only host synchronisation: every logged number in one transfer
         loss, loss_img, loss_txt, lr_img, lr_txt = torch.cat(
