@@ -45,6 +45,8 @@ def _read_done(parts: Path, key: str) -> dict[int, torch.Tensor]:
     for part in sorted(parts.glob("batch-*.safetensors")):
         if _metadata(part).get("key") == key:
             done[int(part.stem.split("-")[1])] = load_file(str(part))["pixels"]
+        else:  # inverted from another set or with other settings
+            part.unlink()
     return done
 
 

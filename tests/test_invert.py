@@ -120,8 +120,9 @@ def test_a_killed_inversion_continues_from_its_finished_batches(toy, tmp_path):
     first = (parts / "batch-00000.safetensors").stat().st_mtime_ns
     assert torch.equal(load_file(str(invert_step(config, tmp_path, caches)))["images"], whole)
     assert (parts / "batch-00000.safetensors").stat().st_mtime_ns == first
-    other = load_config(None, [*overrides, "invert.steps=11"])  # other settings: every batch again
+    other = load_config(None, [*overrides, "invert.steps=11", "invert.batch_size=4"])  # every batch again
     invert_step(other, tmp_path, caches)
+    assert sorted(p.name for p in parts.iterdir()) == ["batch-00000.safetensors", "batch-00004.safetensors"]
     assert (parts / "batch-00000.safetensors").stat().st_mtime_ns != first
 
 
