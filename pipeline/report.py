@@ -153,11 +153,12 @@ def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
                   ""]
     synthetic = run_dir / "distill" / "synthetic.safetensors"
     if synthetic.is_file():
+        from repblend.pipeline.steps import inverted_path
         from repblend.stages.export import load_distilled
 
         distilled = load_distilled(synthetic)
         lines += ["## The distilled set", "", f"![similarity]({plot_similarity(distilled.similarity, out)})", ""]
-        inverted = run_dir / "invert" / "synthetic.safetensors"  # a feature set's images (invert.enabled)
+        inverted = inverted_path(run_dir)  # a feature set's images (invert.enabled)
         shown = distilled if distilled.pixel_space else load_distilled(inverted) if inverted.is_file() else None
         if shown is None:
             lines += ["Feature space: the synthetic image side is a feature tensor, there are no pixels to show.", ""]
