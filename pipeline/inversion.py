@@ -93,8 +93,8 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
              settings.lr)
     todo = -(-n // settings.batch_size) - len(done)
     with tqdm(total=todo * settings.steps, desc="invert", unit="step", disable=not config.run.progress) as bar:
-        result = invert_features(encoder, target, init, settings, encoder.preprocess.mean, encoder.preprocess.std,
-                                 done=done, on_batch=keep, on_step=lambda: bar.update())
+        result = invert_features(encoder, target, init, settings, done=done, on_batch=keep,
+                                 on_step=lambda: bar.update())
     summary = result.summary()
     tensors = {"images": result.pixels, "image_features": result.features, "target_features": target,
                "texts": syn["texts"], "similarity": syn["similarity"], "syn_lr_img": syn["syn_lr_img"],

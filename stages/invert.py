@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repblend.stages.encoders import ImageEncoder, ImagePreprocess
+
 
 @dataclass(frozen=True)
 class InvertSettings:
@@ -42,12 +44,10 @@ class Inversion:
                 "cosine_mean": float(self.cosine.mean()), "cosine_min": float(self.cosine.min())}
 
 
-def pixel_bounds(mean: tuple[float, ...], std: tuple[float, ...], like: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_bounds(preprocess: ImagePreprocess, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalised values of pixel intensities 0 and 1, per channel, shaped to clamp [B,3,S,S]."""
-    mean_t = torch.tensor(mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
-    return (0 - mean_t) / std_t, (1 - mean_t) / std_t
+    black = torch.zeros(1, 3, 1, 1, dtype=like.dtype, device=like.device)
+    return preprocess.normalize(black), preprocess.normalize(black + 1)
 
 
 def relative_error(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -73,8 +73,7 @@ def invert_batch(encoder: nn.Module, target: torch.Tensor, init: torch.Tensor, s
     return pixels.detach()
 
 
-def invert(encoder: nn.Module, target: torch.Tensor, init: torch.Tensor, settings: InvertSettings,
-           mean: tuple[float, ...], std: tuple[float, ...], *, done: dict[int, torch.Tensor] | None = None,
+def invert(encoder: ImageEncoder, target: torch.Tensor, init: torch.Tensor, settings: InvertSettings, *, done: dict[int, torch.Tensor] | None = None,
            on_batch: Callable[[int, torch.Tensor], None] | None = None,
            on_step: Callable[[], None] | None = None) -> Inversion:
     """Invert every target row, batch by batch.
@@ -86,7 +85,7 @@ def invert(encoder: nn.Module, target: torch.Tensor, init: torch.Tensor, setting
         raise ValueError(f"{target.shape[0]} target features but {init.shape[0]} initial images")
     encoder.eval()
     done = done or {}
-    bounds = pixel_bounds(mean, std, init)
+    bounds = pixel_bounds(encoder.preprocess, init)
     parts = []
     for start in range(0, target.shape[0], settings.batch_size):
         stop = min(start + settings.batch_size, target.shape[0])

@@ -10,7 +10,7 @@ from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import load_config
 from repblend.pipeline.inversion import invert as invert_step
 from repblend.pipeline.report import write_report
-from repblend.stages.encoders import HALF, build_image_encoder
+from repblend.stages.encoders import ImagePreprocess, build_image_encoder
 from repblend.stages.errors import ConfigError
 from repblend.stages.export import load_distilled
 from repblend.stages.invert import InvertSettings, invert, pixel_bounds, relative_error
@@ -26,8 +26,9 @@ def encoder():
 
 def test_pixel_bounds_are_the_normalised_images_of_black_and_white():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    low, high = pixel_bounds(mean, std, torch.zeros(1))
+    low, high = pixel_bounds(ImagePreprocess(224, mean, std), torch.zeros(1))
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    assert low.shape == (1, 3, 1, 1)
     assert torch.allclose(low * s + m, torch.zeros(1, 3, 1, 1), atol=1e-6)
     assert torch.allclose(high * s + m, torch.ones(1, 3, 1, 1), atol=1e-6)
 
@@ -38,7 +39,7 @@ def test_inversion_reaches_encodable_targets_and_keeps_pixels_valid(encoder):
     start = torch.rand(6, 3, 16, 16, generator=generator) * 2 - 1
     with torch.no_grad():
         target, before = encoder(goal), encoder(start)
-    result = invert(encoder, target, start, InvertSettings(steps=150, lr=0.02, batch_size=4), HALF, HALF)
+    result = invert(encoder, target, start, InvertSettings(steps=150, lr=0.02, batch_size=4))
     assert relative_error(before, target).mean() > 0.3
     assert result.relative_error.max() < 0.1 * relative_error(before, target).min()
     assert result.pixels.min() >= -1 and result.pixels.max() <= 1  # HALF normalisation: [0, 1] -> [-1, 1]
@@ -54,15 +55,15 @@ def test_finished_batches_are_not_redone_and_the_result_is_the_same(encoder):
         target = encoder(torch.rand(5, 3, 16, 16, generator=generator) * 2 - 1)
     settings = InvertSettings(steps=20, lr=0.02, batch_size=2)
     kept = {}
-    whole = invert(encoder, target, start, settings, HALF, HALF, on_batch=lambda i, p: kept.__setitem__(i, p))
+    whole = invert(encoder, target, start, settings, on_batch=lambda i, p: kept.__setitem__(i, p))
     assert sorted(kept) == [0, 2, 4]
     redone = []
-    resumed = invert(encoder, target, start, settings, HALF, HALF, done={0: kept[0], 2: kept[2]},
+    resumed = invert(encoder, target, start, settings, done={0: kept[0], 2: kept[2]},
                      on_batch=lambda i, p: redone.append(i))
     assert redone == [4]
     assert torch.equal(resumed.pixels, whole.pixels)
     with pytest.raises(ValueError, match="5 target features but 4 initial images"):
-        invert(encoder, target, start[:4], settings, HALF, HALF)
+        invert(encoder, target, start[:4], settings)
 
 
 @pytest.fixture(scope="module")
