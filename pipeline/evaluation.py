@@ -25,7 +25,7 @@ from repblend.stages.ebr import EBRSettings
 from repblend.stages.diagnostics import DIAGNOSTICS
 from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, retrieval_of, set_diagnostics,
                                       summarize, train_heads)
-from repblend.stages.io import read_json, write_json, write_text
+from repblend.stages.io import file_digest, read_json, write_json, write_text
 
 INVERTED = "repblend_pixels"  # the results row of the feature set inverted to images (invert.enabled)
 
@@ -109,18 +109,10 @@ def full_bound(config: Config, train, evalset, device: torch.device) -> tuple[di
     return summarize(runs), info
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def full_bound_key(config: Config, caches: dict[str, FeatureCache], device: torch.device) -> dict:
     """Everything the full-data bound depends on: the cached features (by content), the protocol, lrs and seeds."""
-    return {"train": _file_digest(caches[config.data.train_split].tensors_path),
-            "eval": _file_digest(caches[config.data.eval_split].tensors_path),
+    return {"train": file_digest(caches[config.data.train_split].tensors_path),
+            "eval": file_digest(caches[config.data.eval_split].tensors_path),
             "settings": dataclasses.asdict(full_settings(config)), "lrs": list(config.eval.full_lrs),
             "run_seed": config.run.seed, "seeds": eval_seeds(config), "device": device.type, "torch": torch.__version__}
 

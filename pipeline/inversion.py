@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from repblend.pipeline.config import Config, to_yaml
-from repblend.pipeline.steps import (build_image_encoder, inverted_path, load_features, pixels_of, resolve_device,
-                                     synthetic_path)
+from repblend.pipeline.steps import (build_image_encoder, encoder_range, inverted_path, load_features, pixels_of,
+                                     resolve_device, synthetic_path)
 from repblend.stages.encode import FeatureCache
 
 log = logging.getLogger("repblend")
@@ -26,9 +26,10 @@ log = logging.getLogger("repblend")
 
 def _key(source: Path, config: Config) -> str:
     """What the inverted pixels depend on: the distilled set's bytes, the inversion settings, the encoder."""
-    digest = hashlib.sha256(source.read_bytes())
-    digest.update(repr((dataclasses.asdict(config.invert), dataclasses.asdict(config.encoders.image))).encode())
-    return digest.hexdigest()[:16]
+    from repblend.stages.io import file_digest
+
+    settings = repr((dataclasses.asdict(config.invert), dataclasses.asdict(config.encoders.image)))
+    return hashlib.sha256((file_digest(source) + settings).encode()).hexdigest()[:16]
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -68,7 +69,7 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     syn = load_file(str(source), device=str(device))
     train = load_features(caches, config.data.train_split, torch.device("cpu"))
     target = syn["image_features"].float()
-    low, high = float(train.image_features.min()), float(train.image_features.max())
+    low, high = encoder_range(train)
     outside = ((target < low) | (target > high)).float().mean().item()
     if outside > 0:
         log.warning("invert: %.0f%% of the distilled feature values lie outside the encoder's range [%.3g, %.3g] "

@@ -358,6 +358,12 @@ def synthetic_path(run_dir: Path) -> Path:
     return run_dir / "distill" / "synthetic.safetensors"
 
 
+def encoder_range(train) -> tuple[float, float]:
+    """The range of the cached real image features: what the frozen encoder produces (distill.clamp_features keeps a
+    feature set inside it, so that invert can reach it)."""
+    return float(train.image_features.min()), float(train.image_features.max())
+
+
 def inverted_path(run_dir: Path) -> Path:
     """The feature set's images (invert.enabled, pipeline/inversion.py)."""
     return run_dir / "invert" / "synthetic.safetensors"
@@ -420,8 +426,7 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
                                encode_chunk=dc.encode_chunk)
     outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum,
                           optimizer=dc.optimizer, lr_floor=dc.lr_floor,
-                          image_range=(float(train.image_features.min()), float(train.image_features.max()))
-                          if dc.clamp_features else None)
+                          image_range=encoder_range(train) if dc.clamp_features else None)
     distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed,
                           image_encoder=encoder if dc.mode == "repblend" else None,  # LoRS: pixels go to the student
                           device=device, rank=rank, mean_across_workers=mean_across_workers,

@@ -73,8 +73,8 @@ def invert_batch(encoder: nn.Module, target: torch.Tensor, init: torch.Tensor, s
     return pixels.detach()
 
 
-def invert(encoder: ImageEncoder, target: torch.Tensor, init: torch.Tensor, settings: InvertSettings, *, done: dict[int, torch.Tensor] | None = None,
-           on_batch: Callable[[int, torch.Tensor], None] | None = None,
+def invert(encoder: ImageEncoder, target: torch.Tensor, init: torch.Tensor, settings: InvertSettings, *,
+           done: dict[int, torch.Tensor] | None = None, on_batch: Callable[[int, torch.Tensor], None] | None = None,
            on_step: Callable[[], None] | None = None) -> Inversion:
     """Invert every target row, batch by batch.
 

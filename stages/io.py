@@ -1,4 +1,4 @@
-"""Atomic file writes.
+"""Atomic file writes, and the digest of a file's content.
 
 A crash (or `kill -9`) must never leave a file that looks complete: every artifact is written to a
 temporary name in the same folder and renamed into place, which is atomic on POSIX filesystems.
@@ -6,6 +6,7 @@ temporary name in the same folder and renamed into place, which is atomic on POS
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -65,3 +66,12 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
     """safetensors: no pickle, memory-mappable, readable from any language."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content, read in blocks: keys for results derived from large files."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
