@@ -22,6 +22,7 @@ _STAGE_COMMANDS = {
     "encode": "encode the train and eval splits with the frozen encoders into a feature cache",
     "buffer": "train expert trajectories on the cached features",
     "distill": "distill the synthetic set",
+    "refine": "refine a feature-space set through the evaluation protocol's training (refine.enabled)",
     "invert": "turn a feature-space distilled set into images (invert.enabled)",
     "eval": "evaluate the distilled set, coresets and the full-data bound",
     "tune": "Ray Tune search over the blend parameters",
@@ -74,6 +75,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(to_yaml(config), end="")
         return 0
+    if args.command == "refine" and not config.refine.enabled:
+        raise ConfigError(f"{args.config}: refine.enabled is false "
+                          "(set refine.enabled=true, with distill.space=feature)")
     if args.command == "invert" and not config.invert.enabled:
         raise ConfigError(f"{args.config}: invert.enabled is false (set invert.enabled=true, with distill.space=feature)")
     if args.command == "convert":
@@ -112,11 +116,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if lors is not None:
         distillations.append((lors, run_dir / "lors", "lors_"))
     for sub_config, sub_dir, stage in distillations:
-        if args.command in ("buffer", "distill", "invert", "export", "run"):
+        if args.command in ("buffer", "distill", "refine", "invert", "export", "run"):
             buffer_dir = _buffer(sub_config, sub_dir, caches)
             mark_stage_done(run_dir, f"{stage}buffer", {"dir": str(buffer_dir)})
-        if args.command in ("distill", "invert", "export", "run"):
+        if args.command in ("distill", "refine", "invert", "export", "run"):
             mark_stage_done(run_dir, f"{stage}distill", {"synthetic": str(_distill(sub_config, sub_dir, caches))})
+    if args.command in ("refine", "invert", "export", "run") and config.refine.enabled:
+        from repblend.pipeline.refinement import refine
+
+        mark_stage_done(run_dir, "refine", {"synthetic": str(refine(config, run_dir, caches))})
     if args.command in ("invert", "export", "run") and config.invert.enabled:
         from repblend.pipeline.inversion import invert
 

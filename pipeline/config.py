@@ -388,6 +388,27 @@ class InvertConfig:
 
 
 @dataclass
+class RefineConfig:
+    """Back-propagation through the evaluation protocol's training (stages/refine.py), after trajectory matching."""
+
+    # a feature-space RepBlend set is refined in <run>/refine, and that refined set is the run's set (evaluated as
+    # the repblend row, inverted, exported); the matched set keeps its own row, repblend_matched
+    enabled: bool = False
+    iterations: int = 100  # outer iterations, each one whole protocol training (eval.epochs) of fresh heads
+    lr: float = 3e-3  # Adam on the features, texts, S and the log student lrs
+    real_batch: int = 1024  # real training captions in each outer loss
+    learn_lrs: bool = True
+    ckpt_every: int = 10
+    eval_every: int = 0  # log eval-split recall of the current set every N iterations (1 seed; never selects)
+
+    def __post_init__(self) -> None:
+        for key in ("iterations", "real_batch", "ckpt_every"):
+            _positive(f"refine.{key}", getattr(self, key))
+        _positive("refine.lr", self.lr)
+        _positive("refine.eval_every", self.eval_every, allow_zero=True)
+
+
+@dataclass
 class RunConfig:
     name: str = ""  # "" = the config file's stem
     seed: int = 0
@@ -410,10 +431,15 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     invert: InvertConfig = field(default_factory=InvertConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        if self.refine.enabled and (self.distill.space != "feature" or self.distill.mode != "repblend"):
+            raise ConfigError("refine.enabled=true refines a feature-space RepBlend set; it needs "
+                              f"distill.space=feature and distill.mode=repblend (got {self.distill.space}, "
+                              f"{self.distill.mode}); for pixels, refine in feature space and set invert.enabled=true")
         if self.invert.enabled and (self.distill.space != "feature" or self.distill.mode != "repblend"):
             raise ConfigError("invert.enabled=true turns a feature-space RepBlend set into pixels; it needs "
                               f"distill.space=feature and distill.mode=repblend (got {self.distill.space}, "

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from repblend.pipeline.config import Config
-from repblend.pipeline.steps import (build_image_encoder, buffer_dir_of, inverted_path, load_features, lors_baseline,
-                                     resolve_device, split_pixels)
+from repblend.pipeline.steps import (build_image_encoder, buffer_dir_of, final_path, inverted_path, load_features,
+                                     lors_baseline, resolve_device, split_pixels, synthetic_path)
 from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
 from repblend.stages.encode import FeatureCache
 from repblend.stages.ebr import EBRSettings
@@ -28,6 +28,7 @@ from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_
 from repblend.stages.io import file_digest, read_json, write_json, write_text
 
 INVERTED = "repblend_pixels"  # the results row of the feature set inverted to images (invert.enabled)
+MATCHED = "repblend_matched"  # with refine.enabled: the row of the set as trajectory matching left it
 
 log = logging.getLogger("repblend")
 
@@ -84,16 +85,18 @@ def full_settings(config: Config) -> TrainSettings:
     return train_settings(config, loss="clip", schedule="cosine", epochs=config.eval.full_epochs)
 
 
-def full_bound(config: Config, train, evalset, device: torch.device) -> tuple[dict, dict]:
+def full_bound(config: Config, train, evalset, device: torch.device,
+               model: Callable[[], nn.Module] | None = None) -> tuple[dict, dict]:
     """All real pairs, CLIP loss, cosine schedule; (lr, epoch) swept on the eval split, so the bound is strong
-    (a weak bound would inflate the share of the gap that distillation closes)."""
+    (a weak bound would inflate the share of the gap that distillation closes). `model` trains another student
+    with the heads' interface the same way (benchmarks/rank_limit.py: heads whose first layers are rank-limited)."""
     settings = full_settings(config)
     everything = torch.arange(train.text_features.shape[0], device=device)
     eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     curve: list[tuple[float, int, dict]] = []
     for lr in config.eval.full_lrs:
         started = time.perf_counter()
-        train_heads(_real_pairs(train, everything, lr), settings, config.run.seed, device,
+        train_heads(_real_pairs(train, everything, lr), settings, config.run.seed, device, model=model,
                     on_epoch=lambda epoch, heads, lr=lr: curve.append(
                         (lr, epoch, retrieval_of(heads, *eval_features, device))))
         log.info("eval full: lr %g, best r_mean %.2f over %d epochs (%.0f s)", lr,
@@ -101,7 +104,8 @@ def full_bound(config: Config, train, evalset, device: torch.device) -> tuple[di
     best_lr, best_epoch, best = max(curve, key=lambda item: item[2]["r_mean"])
     runs = [best]
     for seed in eval_seeds(config)[1:]:  # same schedule, stopped at the selected epoch
-        heads = train_heads(_real_pairs(train, everything, best_lr), settings, seed, device, stop_after=best_epoch)
+        heads = train_heads(_real_pairs(train, everything, best_lr), settings, seed, device, stop_after=best_epoch,
+                            model=model)
         runs.append(retrieval_of(heads, *eval_features, device))
     info = {"lrs": list(config.eval.full_lrs), "epochs": config.eval.full_epochs, "best_lr": best_lr,
             "best_epoch": best_epoch, "selected_on": config.data.eval_split,
@@ -190,15 +194,22 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     lr0 = config.distill.lr_teacher
     methods, notes = {}, {}
     own = config.distill.mode
-    synthetic_path = run_dir / "distill" / "synthetic.safetensors"
-    if not synthetic_path.is_file():
-        log.warning("eval: no distilled set in %s yet; evaluating the baselines only", run_dir)
+    own_path = final_path(config, run_dir)
+    if not own_path.is_file():
+        log.warning("eval: no distilled set at %s yet; evaluating the baselines only", own_path)
     else:
         measure = protocol(config, caches, config.data.eval_split, device)
-        syn = load_file(str(synthetic_path), device=str(device))
+        syn = load_file(str(own_path), device=str(device))
         started = time.perf_counter()
         methods[own] = evaluate_synthetic(syn, measure, settings, seeds, device)
         _log_row(own, methods[own], started)
+        if config.refine.enabled:
+            started = time.perf_counter()
+            methods[MATCHED] = evaluate_synthetic(load_file(str(synthetic_path(run_dir)), device=str(device)),
+                                                  measure, settings, seeds, device)
+            _log_row(MATCHED, methods[MATCHED], started)
+            notes[own] = (f"refined through the evaluation protocol ({config.refine.iterations} iterations, "
+                          f"refine/); {MATCHED} is the set as trajectory matching left it (distill/)")
         started = time.perf_counter()
         init = PairSet(measure.train_images(syn["init_image_index"]), train.text_features[syn["init_caption_index"]],
                        None, lr0, lr0)

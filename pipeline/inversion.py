@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from repblend.pipeline.config import Config, to_yaml
-from repblend.pipeline.steps import (build_image_encoder, encoder_range, inverted_path, load_features, pixels_of,
-                                     resolve_device, synthetic_path)
+from repblend.pipeline.steps import (build_image_encoder, encoder_range, final_path, inverted_path, load_features,
+                                     pixels_of, resolve_device)
 from repblend.stages.encode import FeatureCache
 
 log = logging.getLogger("repblend")
@@ -60,7 +60,7 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     from repblend.stages.invert import invert as invert_features
     from repblend.stages.io import write_json, write_tensors
 
-    source, out = synthetic_path(run_dir), inverted_path(run_dir)
+    source, out = final_path(config, run_dir), inverted_path(run_dir)
     key = _key(source, config)
     if out.is_file() and _metadata(out).get("key") == key:
         log.info("invert: %s is up to date, skipped", out)

@@ -151,9 +151,10 @@ def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
         lines += [f"{last['iteration']} iterations; last matching loss {last['loss']:.4f} (image {last['loss_img']:.4f},"
                   f" text {last['loss_txt']:.4f}); learned lrs {last['syn_lr_img']:.4f} / {last['syn_lr_txt']:.4f}.",
                   ""]
-    synthetic = run_dir / "distill" / "synthetic.safetensors"
+    from repblend.pipeline.steps import inverted_path, refined_path, synthetic_path
+
+    synthetic = refined_path(run_dir) if refined_path(run_dir).is_file() else synthetic_path(run_dir)
     if synthetic.is_file():
-        from repblend.pipeline.steps import inverted_path
         from repblend.stages.export import load_distilled
 
         distilled = load_distilled(synthetic)

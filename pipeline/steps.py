@@ -358,6 +358,16 @@ def synthetic_path(run_dir: Path) -> Path:
     return run_dir / "distill" / "synthetic.safetensors"
 
 
+def refined_path(run_dir: Path) -> Path:
+    """The matched set refined through the evaluation protocol (refine.enabled, pipeline/refinement.py)."""
+    return run_dir / "refine" / "synthetic.safetensors"
+
+
+def final_path(config: Config, run_dir: Path) -> Path:
+    """The run's distilled set: the refined one when refine.enabled, else the matched one."""
+    return refined_path(run_dir) if config.refine.enabled else synthetic_path(run_dir)
+
+
 def encoder_range(train) -> tuple[float, float]:
     """The range of the cached real image features: what the frozen encoder produces (distill.clamp_features keeps a
     feature set inside it, so that invert can reach it)."""
@@ -554,10 +564,10 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, p
 
 
 def export(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
-    """run_dir/export: the distilled set's safetensors (with its config) and WebDataset shards to publish; with
-    invert.enabled, its images in run_dir/export/pixels the same way."""
+    """run_dir/export: the distilled set's safetensors (with its config) and WebDataset shards to publish (the refined
+    set with refine.enabled); with invert.enabled, its images in run_dir/export/pixels the same way."""
     out = run_dir / "export"
-    _export_set(config, caches, synthetic_path(run_dir), out)
+    _export_set(config, caches, final_path(config, run_dir), out)
     if config.invert.enabled and inverted_path(run_dir).is_file():
         _export_set(config, caches, inverted_path(run_dir), out / "pixels")
     return out

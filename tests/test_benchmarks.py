@@ -245,3 +245,47 @@ def test_rank_limit_small(tmp_path, capsys):
         assert full[key] == pytest.approx(sum(r[key] for r in recorded) / 2, abs=1e-6)
     assert full["energy_img"] == pytest.approx(1.0) and rows[1]["energy_img"] < 1.0
     assert "| full (the expert) |" in capsys.readouterr().out
+
+
+def test_rank_limited_layer_starts_as_its_base_and_moves_by_at_most_rank_k():
+    """What N pairs can train, closed form: the layer is its base at the start, and after SGD steps with weight decay
+    on any data W1 - scale * W1_0 has matrix rank <= k (and a nonzero move)."""
+    rank_limit = _script("rank_limit")
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 9, dtype=torch.float64)
+    right = rank_limit.principal_directions(torch.randn(40, 12, dtype=torch.float64), 2)
+    torch.testing.assert_close(right @ right.T, torch.eye(2, dtype=torch.float64))
+    layer = rank_limit.RankLimitedLinear(base, right)
+    x = torch.randn(30, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), base(x))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    for _ in range(20):
+        optimizer.zero_grad()
+        (layer(x) - torch.randn(30, 9, dtype=torch.float64)).pow(2).mean().backward()
+        optimizer.step()
+    move = (layer.weight - layer.scale * layer.start).detach()
+    assert move.norm() > 1e-3 and layer.scale.item() != 1.0
+    assert int(torch.linalg.matrix_rank(move)) == 2
+
+
+def test_rank_limit_train_small(tmp_path, capsys):
+    """`--train` on a generated set: one row per rank, trained by the bound's protocol, and the unconstrained row is
+    exactly the full-data bound of the same config."""
+    from repblend.pipeline import evaluation, steps
+    from repblend.pipeline.config import load_config
+    from repblend.stages.toydata import make_toy_dataset
+    from tiny import TINY_ENCODERS, TINY_PROBLEM
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
+    overrides = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "ray.enabled=false", "eval.full_epochs=3",
+                 "eval.full_lrs=[0.1]", *TINY_ENCODERS, *TINY_PROBLEM]
+    rows = _script("rank_limit").main(["--config", str(ROOT / "configs/flickr8k_100_feature.yaml"), "--ranks", "1",
+                                       "--train", *overrides])
+    assert sorted(rows) == [1, max(rows)] and max(rows) > 1
+    assert "| unconstrained (the full-data bound) |" in capsys.readouterr().out
+    config = load_config(str(ROOT / "configs/flickr8k_100_feature.yaml"), [*overrides, "run.progress=false"])
+    caches = steps.encode(config)
+    device = torch.device("cpu")
+    bound, _ = evaluation.full_bound(config, steps.load_features(caches, "train", device),
+                                     steps.load_features(caches, "dev", device), device)
+    assert rows[max(rows)]["r_mean"] == pytest.approx(bound["r_mean"]["mean"])

@@ -21,7 +21,7 @@ def test_console_script_is_installed():
     assert shutil.which("repblend") or (Path(sys.executable).parent / "repblend").exists()
     out = subprocess.run([sys.executable, "-m", "repblend.pipeline", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("run", "encode", "buffer", "distill", "invert", "eval", "tune", "export", "report", "convert"):
+    for command in ("run", "encode", "buffer", "distill", "refine", "invert", "eval", "tune", "export", "report", "convert"):
         assert command in out.stdout
 
 
@@ -50,6 +50,13 @@ def test_invert_without_invert_enabled_is_one_line_and_nonzero(capsys):
     assert main(["invert", "--config", config]) == 2
     assert capsys.readouterr().err.strip() == (f"repblend invert: error: {config}: invert.enabled is false (set "
                                                "invert.enabled=true, with distill.space=feature)")
+
+
+def test_refine_without_refine_enabled_is_one_line_and_nonzero(capsys):
+    config = str(ROOT / "configs/flickr8k_100_feature.yaml")
+    assert main(["refine", "--config", config, "refine.enabled=false"]) == 2
+    assert capsys.readouterr().err.strip() == (f"repblend refine: error: {config}: refine.enabled is false (set "
+                                               "refine.enabled=true, with distill.space=feature)")
 
 
 def test_debug_shows_the_traceback(capsys):

@@ -1,0 +1,127 @@
+"""The refine step: the run's matched feature set refined through the evaluation protocol (stages/refine.py), in
+<run>/refine.
+
+Writes `refine/synthetic.safetensors` in the layout of `distill/synthetic.safetensors`, `refine/metrics.jsonl` (one
+line per iteration: the real-pairs loss, the student lrs, and the probe's recall where taken) and a checkpoint
+every `refine.ckpt_every` iterations and at the end, so a killed run continues where it stopped and a larger
+`refine.iterations` continues a finished one. Keyed by the matched set's bytes and every setting the result depends
+on: a current result is skipped, a changed set or setting starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from repblend.pipeline.config import Config, to_yaml
+from repblend.pipeline.steps import (encoder_range, load_features, refined_path, resolve_device, synthetic_path)
+from repblend.stages.encode import FeatureCache
+
+log = logging.getLogger("repblend")
+
+
+def _key(source: Path, config: Config, train_settings) -> str:
+    """What the refined set depends on: the matched set's bytes, the refine settings (not how long, how often it
+    probes or checkpoints: a longer run continues a shorter one), the protocol, the seed."""
+    from repblend.stages.io import file_digest
+
+    refine = {k: v for k, v in dataclasses.asdict(config.refine).items()
+              if k not in ("enabled", "iterations", "ckpt_every", "eval_every")}
+    settings = json.dumps([refine, dataclasses.asdict(train_settings), config.run.seed,
+                           config.distill.clamp_features], sort_keys=True, default=str)
+    return hashlib.sha256((file_digest(source) + settings).encode()).hexdigest()[:16]
+
+
+def _saved(path: Path) -> tuple[str | None, int]:
+    """The key and iterations a refined set was written with."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("key"), int(meta.get("iterations", 0))
+
+
+def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
+    """Refine the run's matched set (skipped when the refined set is current)."""
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    from repblend.pipeline.evaluation import eval_seeds, evaluate_synthetic, protocol, train_settings
+    from repblend.stages.heads import HeadSpec
+    from repblend.stages.io import atomic_path, write_tensors
+    from repblend.stages.refine import Refiner, RefineSettings
+
+    source, out = synthetic_path(run_dir), refined_path(run_dir)
+    protocol_settings = train_settings(config)
+    key = _key(source, config, protocol_settings)
+    if out.is_file() and _saved(out) == (key, config.refine.iterations):
+        log.info("refine: %s is up to date, skipped", out)
+        return out
+    device = resolve_device(config.run.device)
+    syn = load_file(str(source), device=str(device))
+    train = load_features(caches, config.data.train_split, device)
+    rc = config.refine
+    settings = RefineSettings(rc.iterations, rc.lr, rc.real_batch, rc.learn_lrs,
+                              encoder_range(train) if config.distill.clamp_features else None)
+    dims = (syn["image_features"].shape[1], syn["texts"].shape[1])
+    specs = tuple(HeadSpec(d, config.model.embed_dim, config.model.dropout) for d in dims)
+    refiner = Refiner(syn, specs, protocol_settings, settings)
+    generator = torch.Generator().manual_seed(config.run.seed * 7919 + 11)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint, metrics_path = out.parent / "checkpoint.pt", out.parent / "metrics.jsonl"
+    done = 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["key"] == key and state["iteration"] <= rc.iterations:
+            refiner.load_state_dict(state["refiner"])
+            generator.set_state(state["generator"])
+            done = state["iteration"]
+            log.info("refine: resuming at iteration %d of %d from %s", done, rc.iterations, checkpoint)
+    if done == 0:
+        metrics_path.unlink(missing_ok=True)
+    else:  # lines past the checkpoint are redone
+        lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+        metrics_path.write_text("".join(line + "\n" for line in lines[:done]))
+    measure = protocol(config, caches, config.data.eval_split, device) if rc.eval_every else None
+    n_real = train.text_features.shape[0]
+    log.info("refine: %d iterations, each %d epochs of fresh heads on the %d pairs, Adam lr %g, %d real captions "
+             "per loss", rc.iterations, protocol_settings.epochs, syn["texts"].shape[0], rc.lr, rc.real_batch)
+    started = time.perf_counter()
+    with open(metrics_path, "a") as metrics, tqdm(total=rc.iterations, initial=done, desc="refine", unit="it",
+                                                   disable=not config.run.progress) as bar:
+        for it in range(done + 1, rc.iterations + 1):
+            idx = torch.randint(0, n_real, (min(rc.real_batch, n_real),), generator=generator).to(device)
+            loss = refiner.step(train.image_features[train.caption_to_image[idx]], train.text_features[idx],
+                                generator)
+            lr_img, lr_txt = refiner.student_lrs()
+            row = {"iteration": it, "real_loss": round(loss, 5), "lr_img": lr_img, "lr_txt": lr_txt}
+            if measure is not None and it % rc.eval_every == 0:
+                probe = evaluate_synthetic(refiner.tensors(), measure, protocol_settings, eval_seeds(config)[:1],
+                                           device)
+                row["eval"] = {k: round(probe[k]["mean"], 2) for k in ("img_r10", "txt_r10", "r_mean")}
+                log.info("refine it %d: %s r_mean %.2f (1 seed)", it, config.data.eval_split, row["eval"]["r_mean"])
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.update()
+            bar.set_postfix(real_loss=f"{loss:.4f}")
+            if it % 10 == 0 or it == rc.iterations:
+                log.info("refine it %d/%d: real-pairs loss %.4f, student lrs %.4f / %.4f (%.0f s)", it, rc.iterations,
+                         loss, row["lr_img"], row["lr_txt"], time.perf_counter() - started)
+            if it % rc.ckpt_every == 0 or it == rc.iterations:
+                with atomic_path(checkpoint) as tmp:
+                    torch.save({"key": key, "iteration": it, "refiner": refiner.state_dict(),
+                                "generator": generator.get_state()}, tmp)
+    tensors = refiner.tensors() | {name: syn[name] for name in ("init_image_index", "init_caption_index")}
+    meta = {"space": "feature", "mode": config.distill.mode, "refined_from": str(source), "key": key,
+            "iterations": str(rc.iterations), "seed": str(config.run.seed),
+            "image_encoder": config.encoders.image.name, "text_encoder": config.encoders.text.name,
+            "config": to_yaml(config)}
+    write_tensors(out, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
+    log.info("refine: %s (%.0f s)", out, time.perf_counter() - started)
+    return out

@@ -1,0 +1,132 @@
+"""Refine a distilled feature set by differentiating through the evaluation protocol's own training.
+
+Trajectory matching (stages/distill.py) makes a few student steps move the heads like one expert epoch, but the set
+is judged by something else: fresh heads trained on it for 100 epochs (ALGORITHMS.md section 5) and then used on
+real data. Here that whole training is replayed as a differentiable function of the set (the protocol's shuffled
+batches, SGD with momentum and weight decay, its lr schedule, from a fresh random initialisation each outer
+iteration) and the set descends the CLIP loss of the trained heads on a batch of REAL training pairs
+(back-propagation through time, as in the original dataset distillation). Matching gets the set close; this
+aligns it with what it is measured by.
+
+The unroll is exact and holds every step's graph (100 full-batch steps at 99 pairs and 1024-d heads: a few GiB).
+Dropout is off inside the unroll (a fixed network is a cleaner meta-gradient); evaluation keeps the protocol's.
+The student lrs are learned in log space, so they stay positive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from repblend.stages.evaluate import TrainSettings
+from repblend.stages.heads import HeadSpec
+from repblend.stages.losses import clip_loss, wbce_loss
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    iterations: int = 100
+    lr: float = 3e-3  # Adam, for the features, texts, S and log student lrs alike
+    real_batch: int = 1024  # real training captions (with their images) in each outer loss
+    learn_lrs: bool = True
+    image_range: tuple[float, float] | None = None  # keep the features inside the encoder's range (clamp_features)
+
+
+def lr_factor(epoch: int, settings: TrainSettings) -> float:
+    """The protocol's lr multiplier in `epoch` (0-based), as `evaluate.train_heads`'s scheduler sets it."""
+    if settings.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / settings.epochs))
+    return 0.1 if epoch >= settings.epochs // 2 + 1 else 1.0
+
+
+def _set_loss(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], images: torch.Tensor,
+              texts: torch.Tensor, targets: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+    img = F.normalize(specs[0].apply_flat(theta[0], images, train=False), dim=-1)
+    txt = F.normalize(specs[1].apply_flat(theta[1], texts, train=False), dim=-1)
+    logits = img @ txt.T / settings.temperature
+    return clip_loss(logits) if settings.loss == "clip" else wbce_loss(logits, targets)
+
+
+def protocol_unroll(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], images: torch.Tensor,
+                    texts: torch.Tensor, similarity: torch.Tensor, lrs: torch.Tensor, settings: TrainSettings,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads after `settings.epochs` of the protocol's training on the set, differentiable w.r.t. the set, its S
+    and its lrs: per epoch a fresh permutation in batches of `batch_size`, torch SGD's momentum and weight decay
+    (buf = m * buf + g + wd * p; p -= lr * buf)."""
+    theta = tuple(t.detach().requires_grad_(True) for t in theta)
+    buffers = [torch.zeros_like(t) for t in theta]
+    n = images.shape[0]
+    for epoch in range(settings.epochs):
+        factor = lr_factor(epoch, settings)
+        order = torch.randperm(n, generator=generator).to(images.device)
+        for start in range(0, n, settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            loss = _set_loss(theta, specs, images[idx], texts[idx], similarity[idx][:, idx], settings)
+            grads = torch.autograd.grad(loss, theta, create_graph=True)
+            buffers = [settings.momentum * b + g + settings.weight_decay * t for b, g, t in zip(buffers, grads, theta)]
+            theta = tuple(t - factor * lr * b for t, lr, b in zip(theta, lrs, buffers))
+    return theta
+
+
+def real_pairs_loss(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec],
+                    images: torch.Tensor, texts: torch.Tensor, temperature: float) -> torch.Tensor:
+    """CLIP loss of the trained heads on real pairs: what the refined set is judged by."""
+    img = F.normalize(specs[0].apply_flat(theta[0], images, train=False), dim=-1)
+    txt = F.normalize(specs[1].apply_flat(theta[1], texts, train=False), dim=-1)
+    return clip_loss(img @ txt.T / temperature)
+
+
+class Refiner:
+    """The set being refined (features, texts, S, log lrs) with its Adam state; `step` is one outer iteration."""
+
+    def __init__(self, syn: dict[str, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], train: TrainSettings,
+                 settings: RefineSettings) -> None:
+        self.specs, self.train, self.settings = specs, train, settings
+        self.images = syn["image_features"].detach().clone().float().requires_grad_(True)
+        self.texts = syn["texts"].detach().clone().float().requires_grad_(True)
+        self.similarity = syn["similarity"].detach().clone().float().requires_grad_(True)
+        lrs = torch.cat([syn["syn_lr_img"].reshape(1), syn["syn_lr_txt"].reshape(1)]).float()
+        self.log_lrs = lrs.log().detach().requires_grad_(settings.learn_lrs)
+        params = [self.images, self.texts, self.similarity] + ([self.log_lrs] if settings.learn_lrs else [])
+        self.optimizer = torch.optim.Adam(params, lr=settings.lr)
+
+    def step(self, real_images: torch.Tensor, real_texts: torch.Tensor, generator: torch.Generator) -> float:
+        """Train fresh heads (drawn from `generator`) on the set through the whole protocol, then one Adam step on
+        the set against the real pairs' loss; returns that loss."""
+        theta = tuple(spec.init_flat(generator).to(self.images.device) for spec in self.specs)
+        trained = protocol_unroll(theta, self.specs, self.images, self.texts, self.similarity, self.log_lrs.exp(),
+                                  self.train, generator)
+        loss = real_pairs_loss(trained, self.specs, real_images, real_texts, self.train.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not all(torch.isfinite(p.grad).all() for p in self.optimizer.param_groups[0]["params"]):
+            raise FloatingPointError("refine: a non-finite gradient; lower refine.lr")
+        self.optimizer.step()
+        if self.settings.image_range is not None:
+            with torch.no_grad():
+                self.images.clamp_(*self.settings.image_range)
+        return loss.item()
+
+    def student_lrs(self) -> tuple[float, float]:
+        img, txt = self.log_lrs.detach().exp().tolist()
+        return img, txt
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The refined set in the distilled set's layout (feature space: `images` are the features)."""
+        lrs = self.log_lrs.detach().exp()
+        return {"image_features": self.images.detach(), "images": self.images.detach().clone(),
+                "texts": self.texts.detach(), "similarity": self.similarity.detach(), "syn_lr_img": lrs[:1],
+                "syn_lr_txt": lrs[1:]}
+
+    def state_dict(self) -> dict:
+        return {"images": self.images.detach(), "texts": self.texts.detach(), "similarity": self.similarity.detach(),
+                "log_lrs": self.log_lrs.detach(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name in ("images", "texts", "similarity", "log_lrs"):
+                getattr(self, name).copy_(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,171 @@
+"""Refinement through the evaluation protocol: the unroll replays `train_heads` exactly, its gradients are right,
+and the refine step of the pipeline writes, skips, resumes and is evaluated."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from repblend.pipeline import evaluation, steps
+from repblend.pipeline.config import load_config
+from repblend.pipeline.refinement import refine as refine_step
+from repblend.stages.errors import ConfigError
+from repblend.stages.evaluate import PairSet, TrainSettings, train_heads
+from repblend.stages.export import load_distilled
+from repblend.stages.heads import DualHeads, HeadSpec
+from repblend.stages.refine import lr_factor, protocol_unroll, real_pairs_loss
+from repblend.stages.toydata import make_toy_dataset
+from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
+
+
+def test_lr_factor_is_the_protocols_schedule():
+    step = TrainSettings(embed_dim=4, epochs=100)
+    assert [lr_factor(e, step) for e in (0, 50, 51, 99)] == [1.0, 1.0, 0.1, 0.1]  # x0.1 from epoch 51 (1-based 52)
+    cosine = TrainSettings(embed_dim=4, epochs=10, schedule="cosine")
+    assert lr_factor(0, cosine) == 1.0 and lr_factor(5, cosine) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("loss", ["wbce", "clip"])
+def test_the_unroll_replays_train_heads(loss):
+    """Same seed, same init, same shuffles: the functional unroll ends where `train_heads` (dropout off) ends, with
+    several batches per epoch, a partial last batch, momentum, weight decay, the lr drop and two lrs."""
+    torch.manual_seed(1)
+    n, d_img, d_txt = 8, 6, 5
+    images, texts = torch.randn(n, d_img), torch.randn(n, d_txt)
+    similarity = torch.eye(n) + 0.1 * torch.rand(n, n)
+    settings = TrainSettings(embed_dim=4, dropout=0.0, epochs=5, batch_size=3, loss=loss)
+    heads = train_heads(PairSet(images, texts, similarity, 0.3, 0.2), settings, seed=7, device=torch.device("cpu"))
+    torch.manual_seed(7)  # train_heads' initialisation
+    fresh = DualHeads(d_img, d_txt, 4, 0.0)
+    flat = [torch.cat([p.detach().reshape(-1) for p in head.parameters()]) for head in (fresh.image, fresh.text)]
+    specs = (HeadSpec(d_img, 4, 0.0), HeadSpec(d_txt, 4, 0.0))
+    trained = protocol_unroll(tuple(flat), specs, images, texts, similarity, torch.tensor([0.3, 0.2]), settings,
+                              torch.Generator().manual_seed(7))
+    for theta, head, start in zip(trained, (heads.image, heads.text), flat):
+        end = torch.cat([p.detach().reshape(-1) for p in head.parameters()])
+        assert (end - start).norm() > 0.1  # it trained
+        torch.testing.assert_close(theta.detach(), end, rtol=1e-4, atol=1e-5)
+
+
+def test_the_set_gradient_through_the_unroll_matches_finite_differences():
+    torch.manual_seed(2)
+    n, d_img, d_txt = 5, 4, 3
+    images = torch.randn(n, d_img, dtype=torch.float64, requires_grad=True)
+    texts = torch.randn(n, d_txt, dtype=torch.float64)
+    similarity = torch.eye(n, dtype=torch.float64)
+    log_lrs = torch.log(torch.tensor([0.5, 0.4], dtype=torch.float64)).requires_grad_(True)
+    real = (torch.randn(12, d_img, dtype=torch.float64), torch.randn(12, d_txt, dtype=torch.float64))
+    specs = (HeadSpec(d_img, 4, 0.0), HeadSpec(d_txt, 4, 0.0))
+    settings = TrainSettings(embed_dim=4, dropout=0.0, epochs=3, batch_size=4)
+    g = torch.Generator().manual_seed(0)
+    theta = tuple(spec.init_flat(g, dtype=torch.float64) for spec in specs)
+
+    def loss(x: torch.Tensor, log_lr: torch.Tensor) -> torch.Tensor:
+        trained = protocol_unroll(theta, specs, x, texts, similarity, log_lr.exp(), settings,
+                                  torch.Generator().manual_seed(3))
+        return real_pairs_loss(trained, specs, *real, 0.07)
+
+    grad_x, grad_lr = torch.autograd.grad(loss(images, log_lrs), (images, log_lrs))
+    eps = 1e-6
+    for (i, j) in [(0, 0), (3, 2)]:
+        bump = torch.zeros_like(images)
+        bump[i, j] = eps
+        numeric = (loss(images.detach() + bump, log_lrs.detach()) - loss(images.detach() - bump, log_lrs.detach()))
+        assert float(grad_x[i, j]) == pytest.approx(float(numeric.detach()) / (2 * eps), rel=1e-5, abs=1e-8)
+    bump = torch.tensor([eps, 0.0], dtype=torch.float64)
+    numeric = loss(images.detach(), log_lrs.detach() + bump) - loss(images.detach(), log_lrs.detach() - bump)
+    assert float(grad_lr[0]) == pytest.approx(float(numeric.detach()) / (2 * eps), rel=1e-5, abs=1e-8)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("toy"), n_train=24, n_dev=8, size=32)
+
+
+def _config(toy, tmp_path, *extra):
+    return load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature",
+                              *TINY_ENCODERS, *TINY_PROBLEM, *STABLE_LRS, "distill.iterations=2", "eval.num_eval=1",
+                              "eval.epochs=4", "eval.methods=[random]", "refine.enabled=true", "refine.iterations=4",
+                              "refine.real_batch=16", "refine.ckpt_every=2", "refine.lr=0.01", *extra])
+
+
+def test_run_refines_the_feature_set_and_evaluates_both(toy, tmp_path):
+    config = _config(toy, tmp_path, "refine.eval_every=2")
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    steps.distill(config, tmp_path, caches)
+    path = refine_step(config, tmp_path, caches)
+    assert path == steps.refined_path(tmp_path) == steps.final_path(config, tmp_path)
+    refined, matched = load_file(str(path)), load_file(str(steps.synthetic_path(tmp_path)))
+    assert set(matched) <= set(refined)
+    assert not torch.equal(refined["image_features"], matched["image_features"])
+    assert torch.equal(refined["init_image_index"], matched["init_image_index"])
+    rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and "eval" in rows[1] and "eval" not in rows[0]
+    assert torch.load(path.parent / "checkpoint.pt", weights_only=False)["iteration"] == 4  # kept: runs can go on
+    stamp = path.stat().st_mtime_ns
+    assert refine_step(config, tmp_path, caches) == path and path.stat().st_mtime_ns == stamp  # up to date
+    results = evaluation.evaluate(config, tmp_path, caches)
+    assert set(results["methods"]) == {"repblend", "repblend_matched", "init", "random"}
+    assert "refined through the evaluation protocol" in results["notes"]["repblend"]
+    out = steps.export(config, tmp_path, caches)
+    assert torch.equal(load_distilled(out / "synthetic.safetensors").images, refined["image_features"])
+
+
+def test_a_killed_refinement_resumes_to_the_same_set(toy, tmp_path, monkeypatch):
+    from repblend.stages.refine import Refiner
+
+    config = _config(toy, tmp_path)
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    steps.distill(config, tmp_path, caches)
+    whole = load_file(str(refine_step(config, tmp_path, caches)))
+    for path in (tmp_path / "refine").iterdir():
+        path.unlink()
+    original, calls = Refiner.step, []
+
+    def dies_in_the_third(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Refiner, "step", dies_in_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        refine_step(config, tmp_path, caches)
+    monkeypatch.setattr(Refiner, "step", original)
+    assert torch.load(tmp_path / "refine" / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    resumed = load_file(str(refine_step(config, tmp_path, caches)))
+    for name, tensor in whole.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    lines = (tmp_path / "refine" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]
+    other = _config(toy, tmp_path, "refine.lr=0.02")  # another setting: refined again, not read back
+    assert not torch.equal(load_file(str(refine_step(other, tmp_path, caches)))["texts"], whole["texts"])
+
+
+def test_more_iterations_continue_a_finished_refinement(toy, tmp_path):
+    config = _config(toy, tmp_path)
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    steps.distill(config, tmp_path, caches)
+    straight = load_file(str(refine_step(_config(toy, tmp_path, "refine.iterations=6"), tmp_path, caches)))
+    for path in (tmp_path / "refine").iterdir():
+        path.unlink()
+    refine_step(config, tmp_path, caches)  # 4 iterations, then 2 more
+    longer = load_file(str(refine_step(_config(toy, tmp_path, "refine.iterations=6"), tmp_path, caches)))
+    for name, tensor in straight.items():
+        torch.testing.assert_close(longer[name], tensor, rtol=0, atol=0, msg=name)
+    lines = (tmp_path / "refine" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["refine.enabled=true"], "needs distill.space=feature and distill.mode=repblend"),
+    (["refine.iterations=0"], "refine.iterations=0 must be > 0"),
+    (["refine.lr=-1"], "refine.lr=-1"),
+])
+def test_refine_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
