@@ -194,22 +194,25 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     lr0 = config.distill.lr_teacher
     methods, notes = {}, {}
     own = config.distill.mode
-    own_path = final_path(config, run_dir)
-    if not own_path.is_file():
-        log.warning("eval: no distilled set at %s yet; evaluating the baselines only", own_path)
+    matched_path, own_path = synthetic_path(run_dir), final_path(config, run_dir)
+    if not matched_path.is_file():
+        log.warning("eval: no distilled set at %s yet; evaluating the baselines only", matched_path)
     else:
         measure = protocol(config, caches, config.data.eval_split, device)
-        syn = load_file(str(own_path), device=str(device))
-        started = time.perf_counter()
-        methods[own] = evaluate_synthetic(syn, measure, settings, seeds, device)
-        _log_row(own, methods[own], started)
+        syn = load_file(str(matched_path), device=str(device))  # the refined set keeps its initial pairs
+        if own_path.is_file():
+            started = time.perf_counter()
+            methods[own] = evaluate_synthetic(load_file(str(own_path), device=str(device)), measure, settings,
+                                              seeds, device)
+            _log_row(own, methods[own], started)
         if config.refine.enabled:
             started = time.perf_counter()
-            methods[MATCHED] = evaluate_synthetic(load_file(str(synthetic_path(run_dir)), device=str(device)),
-                                                  measure, settings, seeds, device)
+            methods[MATCHED] = evaluate_synthetic(syn, measure, settings, seeds, device)
             _log_row(MATCHED, methods[MATCHED], started)
             notes[own] = (f"refined through the evaluation protocol ({config.refine.iterations} iterations, "
-                          f"refine/); {MATCHED} is the set as trajectory matching left it (distill/)")
+                          f"refine/); {MATCHED} is the set as trajectory matching left it (distill/)"
+                          if own_path.is_file() else
+                          f"not refined yet ({own_path}; `repblend run` or `repblend refine` makes it)")
         started = time.perf_counter()
         init = PairSet(measure.train_images(syn["init_image_index"]), train.text_features[syn["init_caption_index"]],
                        None, lr0, lr0)

@@ -95,6 +95,9 @@ def test_run_refines_the_feature_set_and_evaluates_both(toy, tmp_path):
     caches = steps.encode(config)
     steps.buffer(config, tmp_path, caches)
     steps.distill(config, tmp_path, caches)
+    early = evaluation.evaluate(config, tmp_path, caches)  # before refinement: the matched row, and why no other
+    assert set(early["methods"]) == {"repblend_matched", "init", "random"}
+    assert "not refined yet" in early["notes"]["repblend"]
     path = refine_step(config, tmp_path, caches)
     assert path == steps.refined_path(tmp_path) == steps.final_path(config, tmp_path)
     refined, matched = load_file(str(path)), load_file(str(steps.synthetic_path(tmp_path)))
