@@ -440,6 +440,9 @@ class Config:
             raise ConfigError("refine.enabled=true refines a feature-space RepBlend set; it needs "
                               f"distill.space=feature and distill.mode=repblend (got {self.distill.space}, "
                               f"{self.distill.mode}); for pixels, refine in feature space and set invert.enabled=true")
+        if self.refine.enabled and self.ebr.enabled and "eval" in self.ebr.apply_to:
+            raise ConfigError("refine.enabled=true replays the plain heads' evaluation training; it does not model EBR "
+                              "in evaluation (ebr.apply_to contains eval)")
         if self.invert.enabled and (self.distill.space != "feature" or self.distill.mode != "repblend"):
             raise ConfigError("invert.enabled=true turns a feature-space RepBlend set into pixels; it needs "
                               f"distill.space=feature and distill.mode=repblend (got {self.distill.space}, "

@@ -67,7 +67,7 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     syn = load_file(str(source), device=str(device))
     train = load_features(caches, config.data.train_split, device)
     rc = config.refine
-    settings = RefineSettings(rc.iterations, rc.lr, rc.real_batch, rc.learn_lrs,
+    settings = RefineSettings(rc.lr, rc.real_batch, rc.learn_lrs,
                               encoder_range(train) if config.distill.clamp_features else None)
     dims = (syn["image_features"].shape[1], syn["texts"].shape[1])
     specs = tuple(HeadSpec(d, config.model.embed_dim, config.model.dropout) for d in dims)

@@ -28,7 +28,6 @@ from repblend.stages.losses import clip_loss, wbce_loss
 
 @dataclass(frozen=True)
 class RefineSettings:
-    iterations: int = 100
     lr: float = 3e-3  # Adam, for the features, texts, S and log student lrs alike
     real_batch: int = 1024  # real training captions (with their images) in each outer loss
     learn_lrs: bool = True
@@ -42,12 +41,11 @@ def lr_factor(epoch: int, settings: TrainSettings) -> float:
     return 0.1 if epoch >= settings.epochs // 2 + 1 else 1.0
 
 
-def _set_loss(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], images: torch.Tensor,
-              texts: torch.Tensor, targets: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+def _logits(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], images: torch.Tensor,
+            texts: torch.Tensor, temperature: float) -> torch.Tensor:
     img = F.normalize(specs[0].apply_flat(theta[0], images, train=False), dim=-1)
     txt = F.normalize(specs[1].apply_flat(theta[1], texts, train=False), dim=-1)
-    logits = img @ txt.T / settings.temperature
-    return clip_loss(logits) if settings.loss == "clip" else wbce_loss(logits, targets)
+    return img @ txt.T / temperature
 
 
 def protocol_unroll(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], images: torch.Tensor,
@@ -64,7 +62,8 @@ def protocol_unroll(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadS
         order = torch.randperm(n, generator=generator).to(images.device)
         for start in range(0, n, settings.batch_size):
             idx = order[start:start + settings.batch_size]
-            loss = _set_loss(theta, specs, images[idx], texts[idx], similarity[idx][:, idx], settings)
+            logits = _logits(theta, specs, images[idx], texts[idx], settings.temperature)
+            loss = clip_loss(logits) if settings.loss == "clip" else wbce_loss(logits, similarity[idx][:, idx])
             grads = torch.autograd.grad(loss, theta, create_graph=True)
             buffers = [settings.momentum * b + g + settings.weight_decay * t for b, g, t in zip(buffers, grads, theta)]
             theta = tuple(t - factor * lr * b for t, lr, b in zip(theta, lrs, buffers))
@@ -74,9 +73,7 @@ def protocol_unroll(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadS
 def real_pairs_loss(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec],
                     images: torch.Tensor, texts: torch.Tensor, temperature: float) -> torch.Tensor:
     """CLIP loss of the trained heads on real pairs: what the refined set is judged by."""
-    img = F.normalize(specs[0].apply_flat(theta[0], images, train=False), dim=-1)
-    txt = F.normalize(specs[1].apply_flat(theta[1], texts, train=False), dim=-1)
-    return clip_loss(img @ txt.T / temperature)
+    return clip_loss(_logits(theta, specs, images, texts, temperature))
 
 
 class Refiner:

@@ -168,6 +168,7 @@ def test_more_iterations_continue_a_finished_refinement(toy, tmp_path):
     (["refine.enabled=true"], "needs distill.space=feature and distill.mode=repblend"),
     (["refine.iterations=0"], "refine.iterations=0 must be > 0"),
     (["refine.lr=-1"], "refine.lr=-1"),
+    (["distill.space=feature", "refine.enabled=true", "ebr.enabled=true"], "does not model EBR"),
 ])
 def test_refine_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
