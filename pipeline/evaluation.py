@@ -202,8 +202,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
         syn = load_file(str(matched_path), device=str(device))  # the refined set keeps its initial pairs
         if own_path.is_file():
             started = time.perf_counter()
-            methods[own] = evaluate_synthetic(load_file(str(own_path), device=str(device)), measure, settings,
-                                              seeds, device)
+            own_syn = syn if own_path == matched_path else load_file(str(own_path), device=str(device))
+            methods[own] = evaluate_synthetic(own_syn, measure, settings, seeds, device)
             _log_row(own, methods[own], started)
         if config.refine.enabled:
             started = time.perf_counter()
