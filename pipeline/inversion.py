@@ -20,6 +20,7 @@ from repblend.pipeline.config import Config, to_yaml
 from repblend.pipeline.steps import (build_image_encoder, encoder_range, final_path, inverted_path, load_features,
                                      pixels_of, resolve_device)
 from repblend.stages.encode import FeatureCache
+from repblend.stages.io import tensors_metadata
 
 log = logging.getLogger("repblend")
 
@@ -32,19 +33,12 @@ def _key(source: Path, config: Config) -> str:
     return hashlib.sha256((file_digest(source) + settings).encode()).hexdigest()[:16]
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 def _read_done(parts: Path, key: str) -> dict[int, torch.Tensor]:
     from safetensors.torch import load_file
 
     done = {}
     for part in sorted(parts.glob("batch-*.safetensors")):
-        if _metadata(part).get("key") == key:
+        if tensors_metadata(part).get("key") == key:
             done[int(part.stem.split("-")[1])] = load_file(str(part))["pixels"]
         else:  # inverted from another set or with other settings
             part.unlink()
@@ -62,7 +56,7 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
 
     source, out = final_path(config, run_dir), inverted_path(run_dir)
     key = _key(source, config)
-    if out.is_file() and _metadata(out).get("key") == key:
+    if out.is_file() and tensors_metadata(out).get("key") == key:
         log.info("invert: %s is up to date, skipped", out)
         return out
     device = resolve_device(config.run.device)

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from repblend.pipeline.config import Config, to_yaml
-from repblend.pipeline.steps import (encoder_range, load_features, refined_path, resolve_device, synthetic_path)
+from repblend.pipeline.steps import encoder_range, load_features, refined_path, resolve_device, synthetic_path
 from repblend.stages.encode import FeatureCache
+from repblend.stages.io import tensors_metadata
 
 log = logging.getLogger("repblend")
 
@@ -38,15 +39,6 @@ def _key(source: Path, config: Config, train_settings) -> str:
     return hashlib.sha256((file_digest(source) + settings).encode()).hexdigest()[:16]
 
 
-def _saved(path: Path) -> tuple[str | None, int]:
-    """The key and iterations a refined set was written with."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return meta.get("key"), int(meta.get("iterations", 0))
-
-
 def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
     """Refine the run's matched set (skipped when the refined set is current)."""
     from safetensors.torch import load_file
@@ -60,7 +52,8 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     source, out = synthetic_path(run_dir), refined_path(run_dir)
     protocol_settings = train_settings(config)
     key = _key(source, config, protocol_settings)
-    if out.is_file() and _saved(out) == (key, config.refine.iterations):
+    saved = tensors_metadata(out) if out.is_file() else {}
+    if (saved.get("key"), saved.get("iterations")) == (key, str(config.refine.iterations)):
         log.info("refine: %s is up to date, skipped", out)
         return out
     device = resolve_device(config.run.device)

@@ -628,7 +628,6 @@ def _eval_probe(config: Config, caches: dict[str, FeatureCache], split: str, enc
 
 
 def _saved_iterations(path: Path) -> int:
-    from safetensors import safe_open
+    from repblend.stages.io import tensors_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        return int((f.metadata() or {}).get("iterations", -1))
+    return int(tensors_metadata(path).get("iterations", -1))

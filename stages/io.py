@@ -68,6 +68,14 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
     return atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
+def tensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata a safetensors file was written with (keys, iterations), without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's content, read in blocks: keys for results derived from large files."""
     digest = hashlib.sha256()
