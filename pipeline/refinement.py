@@ -29,11 +29,12 @@ log = logging.getLogger("repblend")
 
 def _key(source: Path, config: Config, train_settings) -> str:
     """What the refined set depends on: the matched set's bytes, the refine settings (not how long, how often it
-    probes or checkpoints: a longer run continues a shorter one), the protocol, the seed."""
+    probes or checkpoints: a longer run continues a shorter one; not the unroll's segments, which change only
+    rounding), the protocol, the seed."""
     from repblend.stages.io import file_digest
 
     refine = {k: v for k, v in dataclasses.asdict(config.refine).items()
-              if k not in ("enabled", "iterations", "ckpt_every", "eval_every")}
+              if k not in ("enabled", "iterations", "ckpt_every", "eval_every", "segment_epochs")}
     settings = json.dumps([refine, dataclasses.asdict(train_settings), config.run.seed,
                            config.distill.clamp_features], sort_keys=True, default=str)
     return hashlib.sha256((file_digest(source) + settings).encode()).hexdigest()[:16]
@@ -61,7 +62,7 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     train = load_features(caches, config.data.train_split, device)
     rc = config.refine
     settings = RefineSettings(rc.lr, rc.real_batch, rc.learn_lrs,
-                              encoder_range(train) if config.distill.clamp_features else None)
+                              encoder_range(train) if config.distill.clamp_features else None, rc.segment_epochs)
     dims = (syn["image_features"].shape[1], syn["texts"].shape[1])
     specs = tuple(HeadSpec(d, config.model.embed_dim, config.model.dropout) for d in dims)
     refiner = Refiner(syn, specs, protocol_settings, settings)

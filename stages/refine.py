@@ -8,8 +8,11 @@ iteration) and the set descends the CLIP loss of the trained heads on a batch of
 (back-propagation through time, as in the original dataset distillation). Matching gets the set close; this
 aligns it with what it is measured by.
 
-The unroll is exact and holds every step's graph (100 full-batch steps at 99 pairs and 1024-d heads: about 11 GiB on a CPU; 499 pairs take 4 batches an epoch and
-about 4 times that).
+The unroll is exact. Held whole, it keeps every step's graph (100 full-batch steps at 99 pairs and 1024-d heads:
+about 11 GiB on a CPU; 499 pairs take 4 batches an epoch and about 4 times that). With `segment_epochs` it keeps
+only the heads and momentum at segment boundaries and replays one segment at a time on the way back (gradient
+checkpointing by hand: torch.utils.checkpoint does not free the graph of the autograd.grad calls inside a step),
+the same gradient for about one more forward pass.
 Dropout is off inside the unroll (a fixed network is a cleaner meta-gradient); evaluation keeps the protocol's.
 The student lrs are learned in log space, so they stay positive.
 """
@@ -32,6 +35,7 @@ class RefineSettings:
     real_batch: int = 1024  # real training captions (with their images) in each outer loss
     learn_lrs: bool = True
     image_range: tuple[float, float] | None = None  # keep the features inside the encoder's range (clamp_features)
+    segment_epochs: int = 0  # replay the unroll in segments of this many epochs (memory); 0 = hold it whole
 
 
 def lr_factor(epoch: int, settings: TrainSettings) -> float:
@@ -47,26 +51,86 @@ def _logits(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, Hea
                              specs[1].apply_flat(theta[1], texts, train=False), temperature)
 
 
-def protocol_unroll(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], images: torch.Tensor,
-                    texts: torch.Tensor, similarity: torch.Tensor, lrs: torch.Tensor, settings: TrainSettings,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The heads after `settings.epochs` of the protocol's training on the set, differentiable w.r.t. the set, its S
-    and its lrs: per epoch a fresh permutation in batches of `batch_size`, torch SGD's momentum and weight decay
-    (buf = m * buf + g + wd * p; p -= lr * buf)."""
-    theta = tuple(t.detach().requires_grad_(True) for t in theta)
-    buffers = [torch.zeros_like(t) for t in theta]
-    n = images.shape[0]
-    for epoch in range(settings.epochs):
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # image head, text head, their momenta
+
+
+def _train_epochs(state: State, first_epoch: int, orders: list[torch.Tensor], specs: tuple[HeadSpec, HeadSpec],
+                  images: torch.Tensor, texts: torch.Tensor, similarity: torch.Tensor, lrs: torch.Tensor,
+                  settings: TrainSettings, create_graph: bool) -> State:
+    """`len(orders)` epochs of the protocol from `state`, one permutation each, in batches of `batch_size`, torch
+    SGD's momentum and weight decay (buf = m * buf + g + wd * p; p -= lr * buf). Without `create_graph` nothing is
+    kept between steps (the heads are detached after each)."""
+    theta, buffers = state[:2], state[2:]
+    for epoch, order in enumerate(orders, start=first_epoch):
         factor = lr_factor(epoch, settings)
-        order = torch.randperm(n, generator=generator).to(images.device)
-        for start in range(0, n, settings.batch_size):
+        for start in range(0, images.shape[0], settings.batch_size):
+            if not create_graph:
+                theta = tuple(t.detach().requires_grad_(True) for t in theta)
             idx = order[start:start + settings.batch_size]
             logits = _logits(theta, specs, images[idx], texts[idx], settings.temperature)
             loss = clip_loss(logits) if settings.loss == "clip" else wbce_loss(logits, similarity[idx][:, idx])
-            grads = torch.autograd.grad(loss, theta, create_graph=True)
-            buffers = [settings.momentum * b + g + settings.weight_decay * t for b, g, t in zip(buffers, grads, theta)]
+            grads = torch.autograd.grad(loss, theta, create_graph=create_graph)
+            buffers = tuple(settings.momentum * b + g + settings.weight_decay * t
+                            for b, g, t in zip(buffers, grads, theta))
             theta = tuple(t - factor * lr * b for t, lr, b in zip(theta, lrs, buffers))
-    return theta
+    if not create_graph:
+        return tuple(t.detach() for t in (*theta, *buffers))
+    return (*theta, *buffers)
+
+
+class _SegmentedUnroll(torch.autograd.Function):
+    """The unroll as one autograd node: forward keeps the state at each segment's start, backward replays the
+    segments last to first with their graphs and chains the vector-Jacobian products."""
+
+    @staticmethod
+    def forward(ctx, images, texts, similarity, lrs, theta_img, theta_txt, specs, settings, orders, segment):
+        set_tensors = tuple(t.detach() for t in (images, texts, similarity, lrs))
+        state = (theta_img.detach(), theta_txt.detach(), torch.zeros_like(theta_img), torch.zeros_like(theta_txt))
+        starts = []
+        with torch.enable_grad():
+            for first in range(0, len(orders), segment):
+                starts.append((first, state))
+                state = _train_epochs(state, first, orders[first:first + segment], specs, *set_tensors, settings,
+                                      create_graph=False)
+        ctx.starts, ctx.specs, ctx.settings, ctx.orders, ctx.segment = starts, specs, settings, orders, segment
+        ctx.save_for_backward(*set_tensors)
+        return state[0], state[1]
+
+    @staticmethod
+    def backward(ctx, grad_img, grad_txt):
+        set_tensors = tuple(t.detach().requires_grad_(True) for t in ctx.saved_tensors)
+        totals = [torch.zeros_like(t) for t in set_tensors]
+        upstream = [grad_img, grad_txt, None, None]  # the last momenta do not reach the loss
+        for first, start in reversed(ctx.starts):
+            with torch.enable_grad():
+                state = tuple(t.detach().requires_grad_(True) for t in start)
+                end = _train_epochs(state, first, ctx.orders[first:first + ctx.segment], ctx.specs, *set_tensors,
+                                    ctx.settings, create_graph=True)
+                pairs = [(e, g) for e, g in zip(end, upstream) if g is not None]
+                grads = torch.autograd.grad([e for e, _ in pairs], state + set_tensors, [g for _, g in pairs],
+                                            allow_unused=True)
+            upstream = list(grads[:4])
+            for total, grad in zip(totals, grads[4:]):
+                if grad is not None:
+                    total += grad
+        ctx.starts = None
+        return (*totals, None, None, None, None, None, None)
+
+
+def protocol_unroll(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], images: torch.Tensor,
+                    texts: torch.Tensor, similarity: torch.Tensor, lrs: torch.Tensor, settings: TrainSettings,
+                    generator: torch.Generator, segment_epochs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads after `settings.epochs` of the protocol's training on the set from `theta`, differentiable w.r.t.
+    the set, its S and its lrs. The permutations are drawn from `generator` first, one per epoch; with
+    `segment_epochs` the graph is replayed in segments (same gradient up to float rounding, a fraction of the
+    memory)."""
+    orders = [torch.randperm(images.shape[0], generator=generator).to(images.device) for _ in range(settings.epochs)]
+    if segment_epochs <= 0 or segment_epochs >= settings.epochs:
+        state = tuple(t.detach().requires_grad_(True) for t in theta) + tuple(torch.zeros_like(t) for t in theta)
+        trained = _train_epochs(state, 0, orders, specs, images, texts, similarity, lrs, settings, create_graph=True)
+        return trained[0], trained[1]
+    return _SegmentedUnroll.apply(images, texts, similarity, lrs, theta[0], theta[1], specs, settings, orders,
+                                  segment_epochs)
 
 
 def real_pairs_loss(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec],
@@ -94,7 +158,7 @@ class Refiner:
         the set against the real pairs' loss; returns that loss."""
         theta = tuple(spec.init_flat(generator).to(self.images.device) for spec in self.specs)
         trained = protocol_unroll(theta, self.specs, self.images, self.texts, self.similarity, self.log_lrs.exp(),
-                                  self.train, generator)
+                                  self.train, generator, self.settings.segment_epochs)
         loss = real_pairs_loss(trained, self.specs, real_images, real_texts, self.train.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

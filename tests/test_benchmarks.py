@@ -125,6 +125,14 @@ def test_bench_buffer_small(capsys):
     assert all(r["seconds"] > 0 and r["projected_20x10"] > 0 for r in rows)
 
 
+def test_bench_refine_small(capsys):
+    rows = _load("refine").main(["--small"])
+    out = capsys.readouterr().out
+    assert "peak GiB" in out and [(r["pairs"], r["segment"]) for r in rows] == [(20, 0), (20, 3)]
+    assert rows[0]["grad_diff"] == 0 and rows[1]["grad_diff"] < 1e-5  # segments change rounding only
+    assert all(r["seconds"] > 0 and r["peak_gib"] > 0 for r in rows)
+
+
 def test_bench_run_small(capsys):
     figures = _load("run").main(["--small", "--threads", "1", "distill.iterations=8", "buffer.train_epochs=3"])
     out = capsys.readouterr().out

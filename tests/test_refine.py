@@ -78,6 +78,36 @@ def test_the_set_gradient_through_the_unroll_matches_finite_differences():
     assert float(grad_lr[0]) == pytest.approx(float(numeric.detach()) / (2 * eps), rel=1e-5, abs=1e-8)
 
 
+@pytest.mark.parametrize("segment", [1, 2])
+def test_the_segmented_unroll_gives_the_whole_unrolls_gradient(segment):
+    """Replaying the unroll in segments on the way back (2 + 2 + 1 epochs, or one at a time) changes only memory:
+    the trained heads and the gradients of the set, its S and its lrs are the held-whole unroll's."""
+    torch.manual_seed(4)
+    n, d_img, d_txt = 7, 5, 4
+    tensors = [torch.randn(n, d_img, dtype=torch.float64), torch.randn(n, d_txt, dtype=torch.float64),
+               torch.eye(n, dtype=torch.float64) + 0.2 * torch.rand(n, n, dtype=torch.float64),
+               torch.log(torch.tensor([0.4, 0.3], dtype=torch.float64))]
+    real = (torch.randn(10, d_img, dtype=torch.float64), torch.randn(10, d_txt, dtype=torch.float64))
+    specs = (HeadSpec(d_img, 4, 0.0), HeadSpec(d_txt, 4, 0.0))
+    settings = TrainSettings(embed_dim=4, dropout=0.0, epochs=5, batch_size=3)
+    theta = tuple(spec.init_flat(torch.Generator().manual_seed(0), dtype=torch.float64) for spec in specs)
+
+    def run(segment_epochs: int):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        images, texts, similarity, log_lrs = leaves
+        trained = protocol_unroll(theta, specs, images, texts, similarity, log_lrs.exp(), settings,
+                                  torch.Generator().manual_seed(5), segment_epochs)
+        real_pairs_loss(trained, specs, *real, 0.07).backward()
+        return [t.detach() for t in trained], [leaf.grad for leaf in leaves]
+
+    (whole_heads, whole_grads), (heads, grads) = run(0), run(segment)
+    for got, want in zip(heads, whole_heads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, got, want in zip(("images", "texts", "similarity", "log_lrs"), grads, whole_grads):
+        assert want.abs().max() > 1e-6, name  # each really gets a gradient
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=name)
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     return make_toy_dataset(tmp_path_factory.mktemp("toy"), n_train=24, n_dev=8, size=32)
@@ -87,7 +117,8 @@ def _config(toy, tmp_path, *extra):
     return load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature",
                               *TINY_ENCODERS, *TINY_PROBLEM, *STABLE_LRS, "distill.iterations=2", "eval.num_eval=1",
                               "eval.epochs=4", "eval.methods=[random]", "refine.enabled=true", "refine.iterations=4",
-                              "refine.real_batch=16", "refine.ckpt_every=2", "refine.lr=0.01", *extra])
+                              "refine.real_batch=16", "refine.ckpt_every=2", "refine.lr=0.01",
+                              "refine.segment_epochs=3", *extra])  # 3 + 1 epochs: the segmented unroll
 
 
 def test_run_refines_the_feature_set_and_evaluates_both(toy, tmp_path):
@@ -109,6 +140,8 @@ def test_run_refines_the_feature_set_and_evaluates_both(toy, tmp_path):
     assert torch.load(path.parent / "checkpoint.pt", weights_only=False)["iteration"] == 4  # kept: runs can go on
     stamp = path.stat().st_mtime_ns
     assert refine_step(config, tmp_path, caches) == path and path.stat().st_mtime_ns == stamp  # up to date
+    whole = _config(toy, tmp_path, "refine.eval_every=2", "refine.segment_epochs=0")  # memory only: not a new set
+    assert refine_step(whole, tmp_path, caches) == path and path.stat().st_mtime_ns == stamp
     results = evaluation.evaluate(config, tmp_path, caches)
     assert set(results["methods"]) == {"repblend", "repblend_matched", "init", "random"}
     assert "refined through the evaluation protocol" in results["notes"]["repblend"]
@@ -168,6 +201,7 @@ def test_more_iterations_continue_a_finished_refinement(toy, tmp_path):
     (["refine.enabled=true"], "needs distill.space=feature and distill.mode=repblend"),
     (["refine.iterations=0"], "refine.iterations=0 must be > 0"),
     (["refine.lr=-1"], "refine.lr=-1"),
+    (["refine.segment_epochs=-2"], "refine.segment_epochs=-2"),
     (["distill.space=feature", "refine.enabled=true", "ebr.enabled=true"], "does not model EBR"),
 ])
 def test_refine_settings_are_checked(overrides, message):
