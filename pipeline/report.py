@@ -1,6 +1,6 @@
 """`repblend report RUN_DIR`: what a run produced, as report.md plus PNG plots in RUN_DIR/report/.
 
-Reads only the run directory (results.json, distill/metrics.jsonl, distill/synthetic.safetensors), so it works
+Reads only the run directory (results.json, distill/ and refine/ metrics.jsonl, the synthetic sets), so it works
 on a copy of a run made elsewhere; parts whose inputs are missing are left out with a line saying so.
 """
 
@@ -23,8 +23,8 @@ from repblend.stages.io import write_text  # noqa: E402
 log = logging.getLogger("repblend")
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "distill" / "metrics.jsonl"
+def _metrics(run_dir: Path, stage: str = "distill") -> list[dict]:
+    path = run_dir / stage / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
@@ -71,6 +71,24 @@ def plot_curves(rows: list[dict], out: Path) -> list[str]:
     if diagnosed:
         names.append(plot_collapse_curve(diagnosed, out / "collapse.png"))
     return names
+
+
+def plot_refinement(rows: list[dict], path: Path) -> str:
+    """The trained heads' real-pairs loss and the student lrs over refinement, and the probe's recall if taken."""
+    its, evals = [r["iteration"] for r in rows], [r for r in rows if "eval" in r]
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(14 if evals else 10, 3.6))
+    axes[0].plot(its, [r["real_loss"] for r in rows], color="C0")
+    axes[0].set(xlabel="refine iteration", ylabel="CLIP loss on real pairs", title="heads trained on the set")
+    axes[1].plot(its, [r["lr_img"] for r in rows], label="image head")
+    axes[1].plot(its, [r["lr_txt"] for r in rows], label="text head")
+    axes[1].set(xlabel="refine iteration", ylabel="learned student lr", title="learned lrs")
+    axes[1].legend()
+    if evals:
+        for key, label in (("img_r10", "IR@10"), ("txt_r10", "TR@10"), ("r_mean", "r_mean")):
+            axes[2].plot([r["iteration"] for r in evals], [r["eval"][key] for r in evals], marker="o", label=label)
+        axes[2].set(xlabel="refine iteration", ylabel="recall (%)", title="eval-split recall, 1 seed")
+        axes[2].legend()
+    return _save(fig, path)
 
 
 def plot_collapse_curve(rows: list[dict], path: Path) -> str:
@@ -151,6 +169,15 @@ def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
         lines += [f"{last['iteration']} iterations; last matching loss {last['loss']:.4f} (image {last['loss_img']:.4f},"
                   f" text {last['loss_txt']:.4f}); learned lrs {last['syn_lr_img']:.4f} / {last['syn_lr_txt']:.4f}.",
                   ""]
+    refined = _metrics(run_dir, "refine")
+    if refined:
+        first, last = refined[0], refined[-1]
+        probes = [r for r in refined if "eval" in r]
+        lines += ["## Refinement", "", f"![refinement]({plot_refinement(refined, out / 'refine.png')})", "",
+                  f"{last['iteration']} refine iterations; real-pairs loss {first['real_loss']:.4f} at the first, "
+                  f"{last['real_loss']:.4f} at the last; learned lrs {last['lr_img']:.4f} / {last['lr_txt']:.4f}"
+                  + (f"; last probe r_mean {probes[-1]['eval']['r_mean']:.2f} (iteration {probes[-1]['iteration']},"
+                     " 1 seed)." if probes else "."), ""]
     from repblend.pipeline.steps import inverted_path, refined_path, synthetic_path
 
     synthetic = refined_path(run_dir) if refined_path(run_dir).is_file() else synthetic_path(run_dir)

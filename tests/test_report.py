@@ -6,6 +6,7 @@ from PIL import Image
 from repblend.pipeline import evaluation, steps
 from repblend.pipeline.cli import main
 from repblend.pipeline.config import load_config
+from repblend.pipeline.refinement import refine
 from repblend.pipeline.rundir import mark_stage_done, prepare_run_dir
 from repblend.stages.toydata import make_toy_dataset
 from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
@@ -22,14 +23,20 @@ def test_report_renders_tables_and_plots(tmp_path, space, capsys):
     mark_stage_done(run_dir, "encode", {split: str(c.tensors_path) for split, c in caches.items()})
     steps.buffer(config, run_dir, caches)
     steps.distill(config, run_dir, caches)
+    if space == "feature":  # refined through the protocol: its curves get a section
+        config = load_config(run_dir / "config.yaml", ["refine.enabled=true", "refine.iterations=3",
+                                                       "refine.eval_every=2", "refine.real_batch=16"])
+        refine(config, run_dir, caches)
     evaluation.evaluate(config, run_dir, caches)
 
     assert main(["report", str(run_dir)]) == 0
     report = (run_dir / "report" / "report.md").read_text()
     assert "| repblend |" in report and "Collapse diagnostics" in report and "4 iterations" in report
     expected = {"curves.png", "recall.png", "collapse.png", "similarity.png"}
-    expected |= {"images.png"} if space == "pixel" else set()
+    expected |= {"images.png"} if space == "pixel" else {"refine.png"}
     assert {p.name for p in (run_dir / "report").glob("*.png")} == expected
+    if space == "feature":
+        assert "## Refinement" in report and "3 refine iterations" in report and "last probe r_mean" in report
     for name in expected:
         assert f"]({name})" in report
         width, height = Image.open(run_dir / "report" / name).size
