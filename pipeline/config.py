@@ -380,11 +380,15 @@ class InvertConfig:
     steps: int = 300  # Adam steps per batch of images
     lr: float = 0.05  # on pixels in the encoder's normalised space
     batch_size: int = 33
+    # then refine iterations (refine's settings) of the set's free parts, its texts, S and lrs, against the images'
+    # actual encodings, so they absorb the inversion's error; the pixels stay as inverted (needs refine.enabled)
+    adapt_iterations: int = 0
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size"):
             _positive(f"invert.{key}", getattr(self, key))
         _positive("invert.lr", self.lr)
+        _positive("invert.adapt_iterations", self.adapt_iterations, allow_zero=True)
 
 
 @dataclass
@@ -398,8 +402,9 @@ class RefineConfig:
     lr: float = 3e-3  # Adam on the features, texts, S and the log student lrs
     real_batch: int = 1024  # real training captions in each outer loss
     learn_lrs: bool = True
-    # memory, not the result: replay the unroll in segments of this many epochs on the way back (about 1.3x the time;
-    # 499 pairs, 100 epochs: 8.3 GiB at 10, 4.9 GiB at 5); 0 = hold its whole graph
+    # memory, not the result: replay the unroll in segments of this many epochs on the way back (99 pairs: 2.7 GiB
+    # instead of 10.8, and faster on a CPU; 499 pairs: 7.5 GiB at 10, 4.9 at 5; benchmarks/bench_refine.py);
+    # 0 = hold its whole graph
     segment_epochs: int = 10
     ckpt_every: int = 10
     eval_every: int = 0  # log eval-split recall of the current set every N iterations (1 seed; never selects)
@@ -447,6 +452,10 @@ class Config:
         if self.refine.enabled and self.ebr.enabled and "eval" in self.ebr.apply_to:
             raise ConfigError("refine.enabled=true replays the plain heads' evaluation training; it does not model EBR "
                               "in evaluation (ebr.apply_to contains eval)")
+        if self.invert.adapt_iterations and not (self.invert.enabled and self.refine.enabled):
+            raise ConfigError(f"invert.adapt_iterations={self.invert.adapt_iterations} refines the inverted set's "
+                              "texts, S and lrs with refine's settings; it needs invert.enabled=true and "
+                              "refine.enabled=true")
         if self.invert.enabled and (self.distill.space != "feature" or self.distill.mode != "repblend"):
             raise ConfigError("invert.enabled=true turns a feature-space RepBlend set into pixels; it needs "
                               f"distill.space=feature and distill.mode=repblend (got {self.distill.space}, "

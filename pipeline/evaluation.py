@@ -286,6 +286,9 @@ def _inverted_row(config: Config, run_dir: Path, measure: Protocol, settings: Tr
                        f"({summary['steps']} Adam steps from its real initial images): their encodings are at "
                        f"relative error {summary['relative_error_mean']:.3f} (cosine {summary['cosine_mean']:.4f}) "
                        "from the distilled features")
+    if summary.get("adapt_iterations"):
+        notes[INVERTED] += (f"; its texts, S and lrs then adapted to those encodings ({summary['adapt_iterations']} "
+                            "refine iterations)")
 
 
 def _log_row(name: str, metrics: dict, started: float) -> None:

@@ -29,8 +29,22 @@ def _key(source: Path, config: Config) -> str:
     """What the inverted pixels depend on: the distilled set's bytes, the inversion settings, the encoder."""
     from repblend.stages.io import file_digest
 
-    settings = repr((dataclasses.asdict(config.invert), dataclasses.asdict(config.encoders.image)))
+    invert = {k: v for k, v in dataclasses.asdict(config.invert).items() if k != "adapt_iterations"}
+    settings = repr((invert, dataclasses.asdict(config.encoders.image)))
     return hashlib.sha256((file_digest(source) + settings).encode()).hexdigest()[:16]
+
+
+def _set_key(pixels_key: str, config: Config) -> str:
+    """The inverted set's key: its pixels', and with `adapt_iterations` what the adapted texts, S and lrs add."""
+    if not config.invert.adapt_iterations:
+        return pixels_key
+    from repblend.pipeline.evaluation import train_settings
+
+    refine = {k: v for k, v in dataclasses.asdict(config.refine).items()
+              if k not in ("enabled", "iterations", "ckpt_every", "eval_every", "segment_epochs")}
+    settings = repr((config.invert.adapt_iterations, refine, dataclasses.asdict(train_settings(config)),
+                     config.run.seed))
+    return hashlib.sha256((pixels_key + settings).encode()).hexdigest()[:16]
 
 
 def _read_done(parts: Path, key: str) -> dict[int, torch.Tensor]:
@@ -56,7 +70,7 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
 
     source, out = final_path(config, run_dir), inverted_path(run_dir)
     key = _key(source, config)
-    if out.is_file() and tensors_metadata(out).get("key") == key:
+    if out.is_file() and tensors_metadata(out).get("key") == _set_key(key, config):
         log.info("invert: %s is up to date, skipped", out)
         return out
     device = resolve_device(config.run.device)
@@ -91,17 +105,23 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
         result = invert_features(encoder, target, init, settings, done=done, on_batch=keep,
                                  on_step=lambda: bar.update())
     summary = result.summary()
+    if config.invert.adapt_iterations:
+        from repblend.pipeline.refinement import adapt_to_images
+
+        syn = syn | adapt_to_images(config, syn | {"image_features": result.features.to(device)},
+                                    load_features(caches, config.data.train_split, device), device)
     tensors = {"images": result.pixels, "image_features": result.features, "target_features": target,
                "texts": syn["texts"], "similarity": syn["similarity"], "syn_lr_img": syn["syn_lr_img"],
                "syn_lr_txt": syn["syn_lr_txt"], "init_image_index": syn["init_image_index"],
                "init_caption_index": syn["init_caption_index"]}
-    meta = {"space": "pixel", "mode": config.distill.mode, "inverted_from": str(source), "key": key,
+    meta = {"space": "pixel", "mode": config.distill.mode, "inverted_from": str(source), "key": _set_key(key, config),
             "seed": str(config.run.seed), "image_encoder": config.encoders.image.name,
             "text_encoder": config.encoders.text.name, "config": to_yaml(config)}
     write_tensors(out, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
     write_json(out.parent / "summary.json", summary | {"seconds": round(time.perf_counter() - started, 1),
                                                         "outside_range": outside, "steps": settings.steps,
-                                                        "lr": settings.lr})
+                                                        "lr": settings.lr,
+                                                        "adapt_iterations": config.invert.adapt_iterations})
     log.info("invert: %s; relative feature error mean %.3f (max %.3f), cosine mean %.4f (min %.4f)", out,
              summary["relative_error_mean"], summary["relative_error_max"], summary["cosine_mean"],
              summary["cosine_min"])

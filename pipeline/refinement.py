@@ -40,13 +40,51 @@ def _key(source: Path, config: Config, train_settings) -> str:
     return hashlib.sha256((file_digest(source) + settings).encode()).hexdigest()[:16]
 
 
+def _specs(config: Config, syn: dict[str, torch.Tensor]):
+    from repblend.stages.heads import HeadSpec
+
+    dims = (syn["image_features"].shape[1], syn["texts"].shape[1])
+    return tuple(HeadSpec(d, config.model.embed_dim, config.model.dropout) for d in dims)
+
+
+def _real_batch(train, size: int, generator: torch.Generator, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` random real training captions with their images: the pairs one outer loss is taken on."""
+    n_real = train.text_features.shape[0]
+    idx = torch.randint(0, n_real, (min(size, n_real),), generator=generator).to(device)
+    return train.image_features[train.caption_to_image[idx]], train.text_features[idx]
+
+
+def adapt_to_images(config: Config, syn: dict[str, torch.Tensor], train, device: torch.device
+                    ) -> dict[str, torch.Tensor]:
+    """The inverted set's texts, S and lrs after `invert.adapt_iterations` refine iterations (refine's settings)
+    against its images' actual encodings, which stay fixed: the pixels cannot reach the refined features exactly,
+    the free parts can follow them. Short, so not checkpointed."""
+    from tqdm import tqdm
+
+    from repblend.pipeline.evaluation import train_settings
+    from repblend.stages.refine import Refiner, RefineSettings
+
+    rc, iterations = config.refine, config.invert.adapt_iterations
+    settings = RefineSettings(rc.lr, rc.real_batch, rc.learn_lrs, None, rc.segment_epochs, learn_images=False)
+    refiner = Refiner(syn, _specs(config, syn), train_settings(config), settings)
+    generator = torch.Generator().manual_seed(config.run.seed * 7919 + 13)
+    started = time.perf_counter()
+    for it in tqdm(range(1, iterations + 1), desc="adapt", unit="it", disable=not config.run.progress):
+        loss = refiner.step(*_real_batch(train, rc.real_batch, generator, device), generator)
+        if it % 5 == 0 or it == iterations:
+            log.info("invert: adapting texts, S and lrs to the images, it %d/%d: real-pairs loss %.4f (%.0f s)", it,
+                     iterations, loss, time.perf_counter() - started)
+    adapted = refiner.tensors()
+    return {name: adapted[name] for name in ("texts", "similarity", "syn_lr_img", "syn_lr_txt")}
+
+
 def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
     """Refine the run's matched set (skipped when the refined set is current)."""
     from safetensors.torch import load_file
     from tqdm import tqdm
 
     from repblend.pipeline.evaluation import eval_seeds, evaluate_synthetic, protocol, train_settings
-    from repblend.stages.heads import HeadSpec
     from repblend.stages.io import atomic_path, write_tensors
     from repblend.stages.refine import Refiner, RefineSettings
 
@@ -63,9 +101,7 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     rc = config.refine
     settings = RefineSettings(rc.lr, rc.real_batch, rc.learn_lrs,
                               encoder_range(train) if config.distill.clamp_features else None, rc.segment_epochs)
-    dims = (syn["image_features"].shape[1], syn["texts"].shape[1])
-    specs = tuple(HeadSpec(d, config.model.embed_dim, config.model.dropout) for d in dims)
-    refiner = Refiner(syn, specs, protocol_settings, settings)
+    refiner = Refiner(syn, _specs(config, syn), protocol_settings, settings)
     generator = torch.Generator().manual_seed(config.run.seed * 7919 + 11)
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint, metrics_path = out.parent / "checkpoint.pt", out.parent / "metrics.jsonl"
@@ -83,16 +119,13 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
         lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
         metrics_path.write_text("".join(line + "\n" for line in lines[:done]))
     measure = protocol(config, caches, config.data.eval_split, device) if rc.eval_every else None
-    n_real = train.text_features.shape[0]
     log.info("refine: %d iterations, each %d epochs of fresh heads on the %d pairs, Adam lr %g, %d real captions "
              "per loss", rc.iterations, protocol_settings.epochs, syn["texts"].shape[0], rc.lr, rc.real_batch)
     started = time.perf_counter()
     with open(metrics_path, "a") as metrics, tqdm(total=rc.iterations, initial=done, desc="refine", unit="it",
                                                    disable=not config.run.progress) as bar:
         for it in range(done + 1, rc.iterations + 1):
-            idx = torch.randint(0, n_real, (min(rc.real_batch, n_real),), generator=generator).to(device)
-            loss = refiner.step(train.image_features[train.caption_to_image[idx]], train.text_features[idx],
-                                generator)
+            loss = refiner.step(*_real_batch(train, rc.real_batch, generator, device), generator)
             lr_img, lr_txt = refiner.student_lrs()
             row = {"iteration": it, "real_loss": round(loss, 5), "lr_img": lr_img, "lr_txt": lr_txt}
             if measure is not None and it % rc.eval_every == 0:

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import load_config
 from repblend.pipeline.inversion import invert as invert_step
+from repblend.pipeline.refinement import refine as refine_step
 from repblend.pipeline.report import write_report
 from repblend.stages.encoders import ImagePreprocess, build_image_encoder
 from repblend.stages.errors import ConfigError
@@ -127,10 +128,44 @@ def test_a_killed_inversion_continues_from_its_finished_batches(toy, tmp_path):
     assert (parts / "batch-00000.safetensors").stat().st_mtime_ns != first
 
 
+def test_adapting_keeps_the_pixels_and_refines_texts_s_and_lrs_to_their_encodings(toy, tmp_path):
+    overrides = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature", *TINY_ENCODERS,
+                 *TINY_PROBLEM, *STABLE_LRS, "distill.iterations=2", "eval.num_eval=1", "eval.epochs=4",
+                 "eval.methods=[]", "refine.enabled=true", "refine.iterations=2", "refine.real_batch=16",
+                 "refine.lr=0.01", "invert.enabled=true", "invert.steps=10", "invert.batch_size=3"]
+    config = load_config(None, overrides)
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    steps.distill(config, tmp_path, caches)
+    refine_step(config, tmp_path, caches)
+    plain = load_file(str(invert_step(config, tmp_path, caches)))
+    parts = sorted((steps.inverted_path(tmp_path).parent / "parts").iterdir())
+    stamps = [part.stat().st_mtime_ns for part in parts]
+    adapting = load_config(None, [*overrides, "invert.adapt_iterations=3"])
+    path = invert_step(adapting, tmp_path, caches)
+    adapted = load_file(str(path))
+    assert [part.stat().st_mtime_ns for part in parts] == stamps  # the pixels were not inverted again
+    for name in ("images", "image_features", "target_features", "init_image_index"):
+        assert torch.equal(adapted[name], plain[name]), name
+    for name in ("texts", "similarity", "syn_lr_img"):
+        assert not torch.equal(adapted[name], plain[name]), name
+    assert json.loads((path.parent / "summary.json").read_text())["adapt_iterations"] == 3
+    stamp = path.stat().st_mtime_ns
+    assert invert_step(adapting, tmp_path, caches) == path and path.stat().st_mtime_ns == stamp  # up to date
+    assert invert_step(config, tmp_path, caches) == path and path.stat().st_mtime_ns != stamp  # back to plain
+    results = evaluation.evaluate(adapting, tmp_path, caches)
+    assert "adapted to those encodings" not in results["notes"]["repblend_pixels"]  # the plain set is there now
+    invert_step(adapting, tmp_path, caches)
+    results = evaluation.evaluate(adapting, tmp_path, caches)
+    assert "adapted to those encodings (3 refine iterations)" in results["notes"]["repblend_pixels"]
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["invert.enabled=true"], "needs distill.space=feature and distill.mode=repblend"),
     (["distill.clamp_features=true"], "needs distill.space=feature"),
     (["invert.steps=0"], "invert.steps=0 must be > 0"),
+    (["distill.space=feature", "invert.enabled=true", "invert.adapt_iterations=5"], "needs invert.enabled=true and "
+     "refine.enabled=true"),
 ])
 def test_invert_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
