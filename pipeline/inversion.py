@@ -39,11 +39,10 @@ def _set_key(pixels_key: str, config: Config) -> str:
     if not config.invert.adapt_iterations:
         return pixels_key
     from repblend.pipeline.evaluation import train_settings
+    from repblend.pipeline.refinement import result_settings
 
-    refine = {k: v for k, v in dataclasses.asdict(config.refine).items()
-              if k not in ("enabled", "iterations", "ckpt_every", "eval_every", "segment_epochs")}
-    settings = repr((config.invert.adapt_iterations, refine, dataclasses.asdict(train_settings(config)),
-                     config.run.seed))
+    settings = repr((config.invert.adapt_iterations, result_settings(config),
+                     dataclasses.asdict(train_settings(config)), config.run.seed))
     return hashlib.sha256((pixels_key + settings).encode()).hexdigest()[:16]
 
 

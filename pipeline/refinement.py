@@ -27,15 +27,20 @@ from repblend.stages.io import tensors_metadata
 log = logging.getLogger("repblend")
 
 
+def result_settings(config: Config) -> dict:
+    """The refine settings a refined (or adapted) set depends on: not how long, how often it probes or checkpoints,
+    nor the unroll's segments, which change only rounding."""
+    return {k: v for k, v in dataclasses.asdict(config.refine).items()
+            if k not in ("enabled", "iterations", "ckpt_every", "eval_every", "segment_epochs")}
+
+
 def _key(source: Path, config: Config, train_settings) -> str:
     """What the refined set depends on: the matched set's bytes, the refine settings (not how long, how often it
     probes or checkpoints: a longer run continues a shorter one; not the unroll's segments, which change only
     rounding), the protocol, the seed."""
     from repblend.stages.io import file_digest
 
-    refine = {k: v for k, v in dataclasses.asdict(config.refine).items()
-              if k not in ("enabled", "iterations", "ckpt_every", "eval_every", "segment_epochs")}
-    settings = json.dumps([refine, dataclasses.asdict(train_settings), config.run.seed,
+    settings = json.dumps([result_settings(config), dataclasses.asdict(train_settings), config.run.seed,
                            config.distill.clamp_features], sort_keys=True, default=str)
     return hashlib.sha256((file_digest(source) + settings).encode()).hexdigest()[:16]
 
