@@ -69,12 +69,13 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
 
     source, out = final_path(config, run_dir), inverted_path(run_dir)
     key = _key(source, config)
-    if out.is_file() and tensors_metadata(out).get("key") == _set_key(key, config):
+    set_key = _set_key(key, config)
+    if out.is_file() and tensors_metadata(out).get("key") == set_key:
         log.info("invert: %s is up to date, skipped", out)
         return out
     device = resolve_device(config.run.device)
     syn = load_file(str(source), device=str(device))
-    train = load_features(caches, config.data.train_split, torch.device("cpu"))
+    train = load_features(caches, config.data.train_split, device)  # its range, ids, and adaptation's real pairs
     target = syn["image_features"].float()
     low, high = encoder_range(train)
     outside = ((target < low) | (target > high)).float().mean().item()
@@ -107,13 +108,12 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     if config.invert.adapt_iterations:
         from repblend.pipeline.refinement import adapt_to_images
 
-        syn = syn | adapt_to_images(config, syn | {"image_features": result.features.to(device)},
-                                    load_features(caches, config.data.train_split, device), device)
+        syn = syn | adapt_to_images(config, syn | {"image_features": result.features.to(device)}, train, device)
     tensors = {"images": result.pixels, "image_features": result.features, "target_features": target,
                "texts": syn["texts"], "similarity": syn["similarity"], "syn_lr_img": syn["syn_lr_img"],
                "syn_lr_txt": syn["syn_lr_txt"], "init_image_index": syn["init_image_index"],
                "init_caption_index": syn["init_caption_index"]}
-    meta = {"space": "pixel", "mode": config.distill.mode, "inverted_from": str(source), "key": _set_key(key, config),
+    meta = {"space": "pixel", "mode": config.distill.mode, "inverted_from": str(source), "key": set_key,
             "seed": str(config.run.seed), "image_encoder": config.encoders.image.name,
             "text_encoder": config.encoders.text.name, "config": to_yaml(config)}
     write_tensors(out, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
