@@ -98,10 +98,12 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
         log.info("invert: images %d-%d of %d done (%.0f s)", start + 1, min(start + settings.batch_size, n), n,
                  time.perf_counter() - started)
 
-    log.info("invert: %d images, %d Adam steps per batch of %d, lr %g", n, settings.steps, settings.batch_size,
-             settings.lr)
     todo = -(-n // settings.batch_size) - len(done)
-    with tqdm(total=todo * settings.steps, desc="invert", unit="step", disable=not config.run.progress) as bar:
+    if todo:
+        log.info("invert: %d images, %d Adam steps per batch of %d, lr %g", n, settings.steps, settings.batch_size,
+                 settings.lr)
+    with tqdm(total=todo * settings.steps, desc="invert", unit="step", disable=not config.run.progress or not todo
+              ) as bar:
         result = invert_features(encoder, target, init, settings, done=done, on_batch=keep,
                                  on_step=lambda: bar.update())
     summary = result.summary()
