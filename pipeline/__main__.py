@@ -1,7 +1,5 @@
 """`python -m repblend.pipeline` is the same as the `repblend` command."""
 
-import sys
+from repblend.pipeline.cli import entry
 
-from repblend.pipeline.cli import main
-
-sys.exit(main())
+entry()

@@ -182,5 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `repblend` command: host memory kept (pipeline/hostmem.py), then main."""
+    from repblend.pipeline.hostmem import keep_freed_memory
+
+    keep_freed_memory()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from repblend.pipeline.config import Config, to_yaml
+from repblend.pipeline.hostmem import malloc_mode
 from repblend.stages.io import read_json, write_json, write_text
 
 _PACKAGES = ("repblend", "torch", "torchvision", "timm", "transformers", "ray", "faiss-cpu", "open_clip_torch",
@@ -60,6 +61,7 @@ def prepare_run_dir(config: Config, run_dir: str | Path | None, command: str) ->
         "platform": platform.platform(),
         "git_commit": _git_commit(),
         "packages": package_versions(),
+        "malloc": malloc_mode(),
         "seeds": {"run.seed": config.run.seed},
     })
     return path

@@ -84,6 +84,7 @@ def test_encode_records_config_versions_and_seeds(tmp_path, capsys):
     env = json.loads((run_dir / "env.json").read_text())
     assert env["seeds"]["run.seed"] == 7
     assert env["packages"]["torch"] and env["packages"]["repblend"]
+    assert env["malloc"] == "default"  # main() alone; the `repblend` command (entry) tunes glibc first
     stages = json.loads((run_dir / "stages.json").read_text())
     assert set(stages["encode"]) >= {"train", "dev", "finished"}
 
