@@ -2,8 +2,9 @@
 
 The pixel set has the layout of a pixel-space distillation's `synthetic.safetensors` (its `image_features`
 are the encoder's features of its pixels, what evaluation trains on), plus the `target_features` it was
-inverted towards. Batches of images are kept as they finish, so a killed run continues where it stopped;
-a changed distilled set or changed invert settings start over.
+inverted towards. Batches of images are kept as they finish, and adaptation (`invert.adapt_iterations`)
+checkpoints like refine, so a killed run continues where it stopped; a changed distilled set or changed invert
+settings start over.
 """
 
 from __future__ import annotations
@@ -34,15 +35,25 @@ def _key(source: Path, config: Config) -> str:
     return hashlib.sha256((file_digest(source) + settings).encode()).hexdigest()[:16]
 
 
+def _adapt_settings(config: Config) -> tuple:
+    """What adapting the texts, S and lrs depends on besides the pixels and how long: refine's settings, the
+    protocol, the seed."""
+    from repblend.pipeline.evaluation import train_settings
+    from repblend.pipeline.refinement import result_settings
+
+    return result_settings(config), dataclasses.asdict(train_settings(config)), config.run.seed
+
+
+def _adapt_key(pixels_key: str, config: Config) -> str:
+    """The adaptation checkpoint's key: not how long, so a longer adaptation continues a shorter one."""
+    return hashlib.sha256((pixels_key + repr(_adapt_settings(config))).encode()).hexdigest()[:16]
+
+
 def _set_key(pixels_key: str, config: Config) -> str:
     """The inverted set's key: its pixels', and with `adapt_iterations` what the adapted texts, S and lrs add."""
     if not config.invert.adapt_iterations:
         return pixels_key
-    from repblend.pipeline.evaluation import train_settings
-    from repblend.pipeline.refinement import result_settings
-
-    settings = repr((config.invert.adapt_iterations, result_settings(config),
-                     dataclasses.asdict(train_settings(config)), config.run.seed))
+    settings = repr((config.invert.adapt_iterations, *_adapt_settings(config)))
     return hashlib.sha256((pixels_key + settings).encode()).hexdigest()[:16]
 
 
@@ -110,7 +121,8 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     if config.invert.adapt_iterations:
         from repblend.pipeline.refinement import adapt_to_images
 
-        syn = syn | adapt_to_images(config, syn | {"image_features": result.features.to(device)}, train, device)
+        syn = syn | adapt_to_images(config, syn | {"image_features": result.features.to(device)}, train, device,
+                                    out.parent / "adapt_checkpoint.pt", _adapt_key(key, config))
     tensors = {"images": result.pixels, "image_features": result.features, "target_features": target,
                "texts": syn["texts"], "similarity": syn["similarity"], "syn_lr_img": syn["syn_lr_img"],
                "syn_lr_txt": syn["syn_lr_txt"], "init_image_index": syn["init_image_index"],

@@ -60,11 +60,32 @@ def _real_batch(train, size: int, generator: torch.Generator, device: torch.devi
     return train.image_features[train.caption_to_image[idx]], train.text_features[idx]
 
 
-def adapt_to_images(config: Config, syn: dict[str, torch.Tensor], train, device: torch.device
-                    ) -> dict[str, torch.Tensor]:
+def _resume(checkpoint: Path, key: str, last: int, refiner, generator: torch.Generator, device: torch.device) -> int:
+    """The iteration a checkpoint made under `key`, at or before `last`, reached (its state loaded); else 0."""
+    if not checkpoint.is_file():
+        return 0
+    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    if state["key"] != key or state["iteration"] > last:
+        return 0
+    refiner.load_state_dict(state["refiner"])
+    generator.set_state(state["generator"])
+    return state["iteration"]
+
+
+def _save(checkpoint: Path, key: str, iteration: int, refiner, generator: torch.Generator) -> None:
+    from repblend.stages.io import atomic_path
+
+    with atomic_path(checkpoint) as tmp:
+        torch.save({"key": key, "iteration": iteration, "refiner": refiner.state_dict(),
+                    "generator": generator.get_state()}, tmp)
+
+
+def adapt_to_images(config: Config, syn: dict[str, torch.Tensor], train, device: torch.device, checkpoint: Path,
+                    key: str) -> dict[str, torch.Tensor]:
     """The inverted set's texts, S and lrs after `invert.adapt_iterations` refine iterations (refine's settings)
     against its images' actual encodings, which stay fixed: the pixels cannot reach the refined features exactly,
-    the free parts can follow them. Short, so not checkpointed."""
+    the free parts can follow them. Checkpointed like refine, under `key` (what the adaptation depends on, not how
+    long it runs): a killed run continues, and a larger `adapt_iterations` continues a finished one."""
     from tqdm import tqdm
 
     from repblend.pipeline.evaluation import train_settings
@@ -74,12 +95,18 @@ def adapt_to_images(config: Config, syn: dict[str, torch.Tensor], train, device:
     settings = RefineSettings(rc.lr, rc.real_batch, rc.learn_lrs, None, rc.segment_epochs, learn_images=False)
     refiner = Refiner(syn, _specs(config, syn), train_settings(config), settings)
     generator = torch.Generator().manual_seed(config.run.seed * 7919 + 13)
+    done = _resume(checkpoint, key, iterations, refiner, generator, device)
+    if done:
+        log.info("invert: adaptation resumes at iteration %d of %d from %s", done, iterations, checkpoint)
     started = time.perf_counter()
-    for it in tqdm(range(1, iterations + 1), desc="adapt", unit="it", disable=not config.run.progress):
+    for it in tqdm(range(done + 1, iterations + 1), initial=done, total=iterations, desc="adapt", unit="it",
+                   disable=not config.run.progress):
         loss = refiner.step(*_real_batch(train, rc.real_batch, generator, device), generator)
         if it % 5 == 0 or it == iterations:
             log.info("invert: adapting texts, S and lrs to the images, it %d/%d: real-pairs loss %.4f (%.0f s)", it,
                      iterations, loss, time.perf_counter() - started)
+        if it % rc.ckpt_every == 0 or it == iterations:
+            _save(checkpoint, key, it, refiner, generator)
     adapted = refiner.tensors()
     return {name: adapted[name] for name in ("texts", "similarity", "syn_lr_img", "syn_lr_txt")}
 
@@ -90,7 +117,7 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     from tqdm import tqdm
 
     from repblend.pipeline.evaluation import eval_seeds, evaluate_synthetic, protocol, train_settings
-    from repblend.stages.io import atomic_path, write_tensors
+    from repblend.stages.io import write_tensors
     from repblend.stages.refine import Refiner, RefineSettings
 
     source, out = synthetic_path(run_dir), refined_path(run_dir)
@@ -110,19 +137,13 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     generator = torch.Generator().manual_seed(config.run.seed * 7919 + 11)
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint, metrics_path = out.parent / "checkpoint.pt", out.parent / "metrics.jsonl"
-    done = 0
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["key"] == key and state["iteration"] <= rc.iterations:
-            refiner.load_state_dict(state["refiner"])
-            generator.set_state(state["generator"])
-            done = state["iteration"]
-            log.info("refine: resuming at iteration %d of %d from %s", done, rc.iterations, checkpoint)
-    if done == 0:
-        metrics_path.unlink(missing_ok=True)
-    else:  # lines past the checkpoint are redone
+    done = _resume(checkpoint, key, rc.iterations, refiner, generator, device)
+    if done:  # lines past the checkpoint are redone
+        log.info("refine: resuming at iteration %d of %d from %s", done, rc.iterations, checkpoint)
         lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
         metrics_path.write_text("".join(line + "\n" for line in lines[:done]))
+    else:
+        metrics_path.unlink(missing_ok=True)
     measure = protocol(config, caches, config.data.eval_split, device) if rc.eval_every else None
     log.info("refine: %d iterations, each %d epochs of fresh heads on the %d pairs, Adam lr %g, %d real captions "
              "per loss", rc.iterations, protocol_settings.epochs, syn["texts"].shape[0], rc.lr, rc.real_batch)
@@ -146,9 +167,7 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
                 log.info("refine it %d/%d: real-pairs loss %.4f, student lrs %.4f / %.4f (%.0f s)", it, rc.iterations,
                          loss, row["lr_img"], row["lr_txt"], time.perf_counter() - started)
             if it % rc.ckpt_every == 0 or it == rc.iterations:
-                with atomic_path(checkpoint) as tmp:
-                    torch.save({"key": key, "iteration": it, "refiner": refiner.state_dict(),
-                                "generator": generator.get_state()}, tmp)
+                _save(checkpoint, key, it, refiner, generator)
     tensors = refiner.tensors() | {name: syn[name] for name in ("init_image_index", "init_caption_index")}
     meta = {"space": "feature", "mode": config.distill.mode, "refined_from": str(source), "key": key,
             "iterations": str(rc.iterations), "seed": str(config.run.seed),

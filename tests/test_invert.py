@@ -128,16 +128,22 @@ def test_a_killed_inversion_continues_from_its_finished_batches(toy, tmp_path):
     assert (parts / "batch-00000.safetensors").stat().st_mtime_ns != first
 
 
-def test_adapting_keeps_the_pixels_and_refines_texts_s_and_lrs_to_their_encodings(toy, tmp_path):
-    overrides = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature", *TINY_ENCODERS,
+def _refined(toy, run_dir, *extra: str):
+    """A tiny feature set, matched and refined in `run_dir`, ready to invert: (its overrides, config, caches)."""
+    overrides = [f"data.root={toy}", f"cache.dir={run_dir / 'cache'}", "distill.space=feature", *TINY_ENCODERS,
                  *TINY_PROBLEM, *STABLE_LRS, "distill.iterations=2", "eval.num_eval=1", "eval.epochs=4",
                  "eval.methods=[]", "refine.enabled=true", "refine.iterations=2", "refine.real_batch=16",
-                 "refine.lr=0.01", "invert.enabled=true", "invert.steps=10", "invert.batch_size=3"]
+                 "refine.lr=0.01", "invert.enabled=true", "invert.steps=10", "invert.batch_size=3", *extra]
     config = load_config(None, overrides)
     caches = steps.encode(config)
-    steps.buffer(config, tmp_path, caches)
-    steps.distill(config, tmp_path, caches)
-    refine_step(config, tmp_path, caches)
+    steps.buffer(config, run_dir, caches)
+    steps.distill(config, run_dir, caches)
+    refine_step(config, run_dir, caches)
+    return overrides, config, caches
+
+
+def test_adapting_keeps_the_pixels_and_refines_texts_s_and_lrs_to_their_encodings(toy, tmp_path):
+    overrides, config, caches = _refined(toy, tmp_path)
     plain = load_file(str(invert_step(config, tmp_path, caches)))
     parts = sorted((steps.inverted_path(tmp_path).parent / "parts").iterdir())
     stamps = [part.stat().st_mtime_ns for part in parts]
@@ -158,6 +164,27 @@ def test_adapting_keeps_the_pixels_and_refines_texts_s_and_lrs_to_their_encoding
     invert_step(adapting, tmp_path, caches)
     results = evaluation.evaluate(adapting, tmp_path, caches)
     assert "adapted to those encodings (3 refine iterations)" in results["notes"]["repblend_pixels"]
+
+
+def test_a_killed_or_longer_adaptation_continues_from_its_checkpoint(toy, tmp_path, caplog):
+    overrides, _, caches = _refined(toy, tmp_path, "refine.ckpt_every=2")
+    four = load_config(None, [*overrides, "invert.adapt_iterations=4"])
+    whole = load_file(str(invert_step(four, tmp_path, caches)))
+    checkpoint = steps.inverted_path(tmp_path).parent / "adapt_checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=False)["iteration"] == 4
+    checkpoint.unlink()
+    invert_step(load_config(None, [*overrides, "invert.adapt_iterations=2"]), tmp_path, caches)  # killed after 2
+    assert torch.load(checkpoint, weights_only=False)["iteration"] == 2
+    with caplog.at_level("INFO", logger="repblend"):
+        resumed = load_file(str(invert_step(four, tmp_path, caches)))
+    assert "adaptation resumes at iteration 2 of 4" in caplog.text
+    for name in ("texts", "similarity", "syn_lr_img", "syn_lr_txt", "images"):
+        assert torch.equal(resumed[name], whole[name]), name
+    other = load_config(None, [*overrides, "invert.adapt_iterations=4", "refine.lr=0.02"])  # another adaptation
+    caplog.clear()
+    with caplog.at_level("INFO", logger="repblend"):
+        invert_step(other, tmp_path, caches)
+    assert "adaptation resumes" not in caplog.text
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
