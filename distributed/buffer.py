@@ -1,7 +1,8 @@
 """Experts as Ray tasks: independent, so they spread over every CPU/GPU; a task whose worker dies is rerun.
 
-Each task trains one expert through the same stage function as the local path and writes its file; only the
-path travels back. Features are read from the cache files by each worker (once per worker process).
+Each task trains one expert, or a group of `buffer.batch_experts` in one batched step, through the same stage
+function as the local path and writes their files; only the paths travel back. Features are read from the cache
+files by each worker (once per worker process).
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ FAULT_ENV = "REPBLEND_FAULT_EXPERT"  # "k:marker": expert k's first attempt kill
 
 
 @ray.remote
-def _expert_task(config: Config, buffer_dir: str, k: int, caches: dict[str, FeatureCache]) -> str:
+def _expert_task(config: Config, buffer_dir: str, group: list[int], caches: dict[str, FeatureCache]) -> list[str]:
     import torch
 
     if not logging.getLogger().handlers:  # worker processes start without the driver's logging setup
         logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s",
                             datefmt="%H:%M:%S")
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    die_once(FAULT_ENV, k)
-    return str(steps.train_expert_file(config, Path(buffer_dir), k, caches))
+    for k in group:
+        die_once(FAULT_ENV, k)
+    return [str(path) for path in steps.train_expert_files(config, Path(buffer_dir), group, caches)]
 
 
 def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCache]):
@@ -45,13 +47,15 @@ def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCac
                    "max_retries": config.ray.max_retries}
         if forwarded(FAULT_ENV):
             options["runtime_env"] = forwarded(FAULT_ENV)
-        pending = {_expert_task.options(**options).remote(config, str(buffer_dir), k, caches): k for k in todo}
+        pending = {_expert_task.options(**options).remote(config, str(buffer_dir), group, caches): group
+                   for group in steps.expert_groups(config, todo)}
         done = 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            k = pending.pop(ready[0])
+            group = pending.pop(ready[0])
             ray.get(ready[0])  # raises if the task failed after all retries
-            done += 1
-            log.info("buffer: expert %d done (%d/%d)", k, done, len(todo))
+            done += len(group)
+            log.info("buffer: expert%s %s done (%d/%d)", "s" * (len(group) > 1), ", ".join(map(str, group)), done,
+                     len(todo))
 
     return run

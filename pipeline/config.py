@@ -153,9 +153,13 @@ class BufferConfig:
     batch_size: int = 128
     save_all_epochs: bool = False  # False: only epochs 0..max_start_epoch+expert_epochs are kept
     dir: str = ""  # "" = <run dir>/buffer; a path = a buffer shared by several runs (built there if missing)
+    # head experts trained together, one batched step for all (one process or Ray task per group; fast on a GPU,
+    # TARGETS.md P3). Above 1 each expert's dropout masks come from a generator of its own, the same whatever the
+    # group. LoRS's encoder experts always train one at a time.
+    batch_experts: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("num_experts", "train_epochs", "batch_size"):
+        for key in ("num_experts", "train_epochs", "batch_size", "batch_experts"):
             _positive(f"buffer.{key}", getattr(self, key))
         _positive("buffer.lr_teacher_img", self.lr_teacher_img)
         _positive("buffer.lr_teacher_txt", self.lr_teacher_txt)

@@ -197,6 +197,8 @@ def _buffer_identity(config: Config, caches: dict[str, FeatureCache]) -> dict:
     identity = {"settings": settings, "seed": config.run.seed, "features": encoder_identity(config).key(fingerprint)}
     if config.distill.mode == "lors":  # encoder experts; head buffers keep the identity they always had
         identity["mode"] = "lors"
+    elif config.buffer.batch_experts > 1:  # other dropout masks than one-at-a-time experts, whatever the group size
+        identity["dropout_masks"] = "per expert"
     return identity
 
 
@@ -206,7 +208,7 @@ def _check_buffer_identity(buffer_dir: Path, identity: dict) -> None:
         return
     recorded = json.loads(index_path.read_text()).get("identity")
     if recorded is not None and recorded != identity:
-        keys = sorted(k for k in identity if recorded.get(k) != identity[k])
+        keys = sorted(k for k in {*identity, *recorded} if recorded.get(k) != identity.get(k))
         if "settings" in keys:
             keys = ["settings." + k for k in sorted(identity["settings"])
                     if recorded.get("settings", {}).get(k) != identity["settings"][k]]
@@ -231,16 +233,24 @@ def missing_experts(config: Config, buffer_dir: Path) -> list[int]:
     return todo
 
 
-def train_expert_file(config: Config, buffer_dir: Path, k: int, caches: dict[str, FeatureCache]) -> Path:
-    """Train expert k, measure its eval recall and save it; one unit of work for a process or a Ray task."""
-    from repblend.stages.buffer import expert_path, heads_at, save_trajectory, train_expert
+def expert_groups(config: Config, todo: list[int]) -> list[list[int]]:
+    """The experts trained together: `buffer.batch_experts` at a time (LoRS's encoder experts one by one)."""
+    size = 1 if config.distill.mode == "lors" else config.buffer.batch_experts
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
+def train_expert_files(config: Config, buffer_dir: Path, group: list[int], caches: dict[str, FeatureCache]
+                       ) -> list[Path]:
+    """Train a group of experts (expert_groups), measure each one's eval recall and save it; one unit of work for a
+    process or a Ray task."""
+    from repblend.stages.buffer import expert_path, heads_at, save_trajectory, train_expert, train_experts
     from repblend.stages.evaluate import retrieval_of
 
     device = resolve_device(config.run.device)
     settings = expert_settings(config)
     train = load_features(caches, config.data.train_split, device)
     evalset = load_features(caches, config.data.eval_split, device)
-    seed = config.run.seed * 10_000 + k
+    seeds = [config.run.seed * 10_000 + k for k in group]
     backbone, img_dim = None, train.image_features.shape[1]
     train_images, eval_images = train.image_features, evalset.image_features
     if config.distill.mode == "lors":  # the expert trains the image encoder itself, on pixels
@@ -248,16 +258,22 @@ def train_expert_file(config: Config, buffer_dir: Path, k: int, caches: dict[str
         backbone, img_dim = encoder.backbone, encoder.feature_dim
         train_images = split_pixels(config, caches, config.data.train_split, encoder)
         eval_images = split_pixels(config, caches, config.data.eval_split, encoder)
-    traj = train_expert(train_images, train.text_features, train.caption_to_image, settings, seed, device,
-                        encoder=backbone, feature_dim=img_dim)
-    last = max(traj.image)
-    heads = heads_at(traj, last, settings, img_dim, train.text_features.shape[1], encoder=backbone).to(device)
-    recall = retrieval_of(heads, eval_images, evalset.text_features, evalset.caption_to_image, device)
-    path = expert_path(buffer_dir, k)
-    save_trajectory(path, traj, {"seed": seed, "epochs": sorted(traj.image), "eval_recall": recall})
-    log.info("expert %d (seed %d): epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k, seed, last,
-             config.data.eval_split, recall["r_mean"], recall["img_r10"], recall["txt_r10"])
-    return path
+    if config.distill.mode != "lors" and config.buffer.batch_experts > 1:
+        trajs = train_experts(train_images, train.text_features, train.caption_to_image, settings, seeds, device)
+    else:
+        (seed,) = seeds
+        trajs = [train_expert(train_images, train.text_features, train.caption_to_image, settings, seed, device,
+                              encoder=backbone, feature_dim=img_dim)]
+    paths = []
+    for k, seed, traj in zip(group, seeds, trajs):
+        last = max(traj.image)
+        heads = heads_at(traj, last, settings, img_dim, train.text_features.shape[1], encoder=backbone).to(device)
+        recall = retrieval_of(heads, eval_images, evalset.text_features, evalset.caption_to_image, device)
+        paths.append(expert_path(buffer_dir, k))
+        save_trajectory(paths[-1], traj, {"seed": seed, "epochs": sorted(traj.image), "eval_recall": recall})
+        log.info("expert %d (seed %d): epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k, seed, last,
+                 config.data.eval_split, recall["r_mean"], recall["img_r10"], recall["txt_r10"])
+    return paths
 
 
 def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache],
@@ -274,8 +290,11 @@ def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache],
     if run_experts is not None and todo:
         run_experts(todo)
     else:
-        for k in tqdm(todo, desc="buffer experts", unit="expert", disable=None if config.run.progress else True):
-            train_expert_file(config, buffer_dir, k, caches)
+        with tqdm(total=len(todo), desc="buffer experts", unit="expert",
+                  disable=None if config.run.progress else True) as bar:
+            for group in expert_groups(config, todo):
+                train_expert_files(config, buffer_dir, group, caches)
+                bar.update(len(group))
     experts = [{"path": expert_path(buffer_dir, k).name, **trajectory_meta(expert_path(buffer_dir, k))}
                for k in range(config.buffer.num_experts)]
     write_index(buffer_dir, {"experts": experts, "identity": identity,

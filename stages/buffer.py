@@ -16,12 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
 from repblend.stages.heads import DualHeads, HeadSpec, heads_sgd
 from repblend.stages.io import write_json, write_tensors
 from repblend.stages.losses import clip_loss
+
+
+_MASK_SEED_OFFSET = 7_777_777  # train_experts' dropout generators: apart from the seeds' data-order generators
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,67 @@ def train_expert(image_inputs: torch.Tensor, text_features: torch.Tensor, captio
             raise FloatingPointError(f"expert with seed {seed} diverged: loss {loss.item()} at epoch {epoch}")
         snapshot(epoch)
     return traj
+
+
+def train_experts(image_features: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
+                  settings: ExpertSettings, seeds: list[int], device: str | torch.device = "cpu") -> list[Trajectory]:
+    """Train one head expert per seed, all in the same steps: one batched matrix product per layer for all of them.
+
+    On a GPU one expert's step is a few small kernels, launch-bound, so E experts batched cost little more than one
+    (TARGETS.md P3). Each expert starts from the heads and sees the captions in the order `train_expert` gives the
+    same seed; its dropout masks come from a generator of its own, so its trajectory does not depend on which experts
+    share its steps, but with dropout > 0 it is not `train_expert`'s (whose masks come from the global RNG)."""
+    device = torch.device(device)
+    img_dim, txt_dim = image_features.shape[1], text_features.shape[1]
+    img_spec, txt_spec = head_specs(img_dim, txt_dim, settings)
+    orders_from = [torch.Generator().manual_seed(seed) for seed in seeds]  # init, then one permutation per epoch
+    masks_from = [torch.Generator(device=device).manual_seed(seed + _MASK_SEED_OFFSET) for seed in seeds]
+    inits = [(img_spec.init_flat(g), txt_spec.init_flat(g)) for g in orders_from]
+    img_flat = torch.stack([i for i, _ in inits]).to(device).requires_grad_(True)
+    txt_flat = torch.stack([t for _, t in inits]).to(device).requires_grad_(True)
+    optimizer = torch.optim.SGD([{"params": [img_flat], "lr": settings.lr_img},
+                                 {"params": [txt_flat], "lr": settings.lr_txt}],
+                                lr=settings.lr_img, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    img_all = image_features.to(device, torch.float32)
+    txt_all = text_features.to(device, torch.float32)
+    c2i = caption_to_image.to(device)
+    keep = set(settings.keep_epochs) if settings.keep_epochs is not None else set(range(settings.epochs + 1))
+    trajs = [Trajectory({}, {}) for _ in seeds]
+    n_exp, n = len(seeds), txt_all.shape[0]
+    batch = min(settings.batch_size, n)  # fewer captions than a batch: one step on all of them, as train_expert
+    steps = max(1, n // settings.batch_size)  # drop_last, as train_expert
+    rows = torch.arange(batch, device=device).repeat(n_exp)
+
+    def snapshot(epoch: int) -> None:
+        if epoch in keep:
+            for traj, img, txt in zip(trajs, img_flat.detach().cpu(), txt_flat.detach().cpu()):
+                traj.image[epoch], traj.text[epoch] = img.clone(), txt.clone()
+
+    def dropout_keep(width: int) -> torch.Tensor | None:
+        p = settings.dropout
+        if p <= 0:
+            return None
+        draws = [torch.rand(batch, width, generator=g, device=device) for g in masks_from]
+        return (torch.stack(draws) >= p).float() / (1 - p)
+
+    snapshot(0)
+    for epoch in range(1, min(settings.epochs, max(keep)) + 1):
+        orders = torch.stack([torch.randperm(n, generator=g) for g in orders_from]).to(device)
+        for step in range(steps):
+            idx = orders[:, step * batch:(step + 1) * batch]  # [E, B]
+            img_emb = img_spec.apply_stacked(img_flat, img_all[c2i[idx]], dropout_keep(img_spec.out_dim))
+            txt_emb = txt_spec.apply_stacked(txt_flat, txt_all[idx], dropout_keep(txt_spec.out_dim))
+            logits = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).transpose(1, 2) / settings.temperature
+            # the sum of the experts' CLIP losses: each expert's gradient is its own loss's
+            loss = 0.5 * n_exp * (F.cross_entropy(logits.reshape(-1, batch), rows)
+                                  + F.cross_entropy(logits.transpose(1, 2).reshape(-1, batch), rows))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if not math.isfinite(loss.item()):  # one host sync per epoch, not per step
+            raise FloatingPointError(f"experts with seeds {seeds} diverged: loss {loss.item()} at epoch {epoch}")
+        snapshot(epoch)
+    return trajs
 
 
 def heads_at(traj: Trajectory, epoch: int, settings: ExpertSettings, img_dim: int, txt_dim: int,

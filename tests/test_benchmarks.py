@@ -119,10 +119,13 @@ def test_bench_distill_small(capsys):
 
 
 def test_bench_buffer_small(capsys):
-    rows = _load("buffer").main(["--small", "--images", "200", "--experts", "1", "--epochs", "1", "--threads", "1"])
+    rows = _load("buffer").main(["--small", "--images", "200", "--experts", "2", "--epochs", "1", "--threads", "1",
+                                 "--batch-experts", "1", "2"])
     out = capsys.readouterr().out
-    assert "s/exp-epoch" in out and [r["shape"] for r in rows] == ["paper", "ours"]
-    assert all(r["seconds"] > 0 and r["projected_20x10"] > 0 for r in rows)
+    assert "s/exp-epoch" in out and [(r["shape"], r["together"]) for r in rows] == [
+        ("paper", 1), ("paper", 2), ("ours", 1), ("ours", 2)]
+    assert all(r["seconds"] > 0 and r["projected_20x10"] > 0 and r["speed_up"] > 0 for r in rows)
+    assert rows[0]["speed_up"] == 1 and rows[1]["speed_up"] == rows[0]["seconds"] / rows[1]["seconds"]
 
 
 def test_bench_refine_small(capsys):

@@ -1,9 +1,12 @@
 """Expert trajectories: only needed snapshots, deterministic per seed, files round-trip, experts learn."""
 
+import dataclasses
+
+import pytest
 import torch
 
 from repblend.stages.buffer import (ExpertSettings, heads_at, head_specs, load_trajectory, save_trajectory,
-                                    train_expert, trajectory_meta)
+                                    train_expert, train_experts, trajectory_meta)
 from repblend.stages.evaluate import retrieval_of
 
 
@@ -43,6 +46,49 @@ def test_same_seed_same_trajectory_other_seed_differs():
     for epoch in a.image:
         assert torch.equal(a.image[epoch], b.image[epoch]) and torch.equal(a.text[epoch], b.text[epoch])
     assert not torch.equal(a.image[0], c.image[0])
+
+
+def _assert_same_trajectory(a, b, atol):
+    assert sorted(a.image) == sorted(b.image) and sorted(a.text) == sorted(b.text)
+    for epoch in a.image:
+        torch.testing.assert_close(a.image[epoch], b.image[epoch], rtol=0, atol=atol)
+        torch.testing.assert_close(a.text[epoch], b.text[epoch], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 5e-4)])
+def test_batched_experts_follow_one_at_a_time_training_without_dropout(momentum, weight_decay):
+    """Same heads, same caption order, same SGD: the batched steps are the experts' own steps, to rounding."""
+    img, txt, c2i = _data()
+    settings = dataclasses.replace(SETTINGS, dropout=0.0, momentum=momentum, weight_decay=weight_decay)
+    batched = train_experts(img, txt, c2i, settings, [3, 4, 5])
+    for seed, traj in zip([3, 4, 5], batched):
+        one = train_expert(img, txt, c2i, settings, seed)
+        assert torch.equal(traj.image[0], one.image[0]) and torch.equal(traj.text[0], one.text[0])
+        assert not torch.equal(traj.image[3], one.image[0])
+        _assert_same_trajectory(traj, one, atol=1e-5)
+
+
+def test_a_batched_expert_does_not_depend_on_its_batch_mates():
+    img, txt, c2i = _data()
+    three = train_experts(img, txt, c2i, SETTINGS, [3, 4, 5])  # dropout 0.1
+    _assert_same_trajectory(three[1], train_experts(img, txt, c2i, SETTINGS, [4])[0], atol=1e-6)
+    again = train_experts(img, txt, c2i, SETTINGS, [3, 4, 5])
+    for a, b in zip(three, again):
+        _assert_same_trajectory(a, b, atol=0)
+    no_dropout = train_experts(img, txt, c2i, dataclasses.replace(SETTINGS, dropout=0.0), [4])[0]
+    assert not torch.allclose(three[1].image[3], no_dropout.image[3], atol=1e-4)  # the masks are applied
+
+
+def test_batched_experts_learn_retrieval_and_take_fewer_captions_than_a_batch():
+    img, txt, c2i = _data()
+    settings = ExpertSettings(embed_dim=16, epochs=10, batch_size=16, lr_img=0.1, lr_txt=0.1)
+    for traj in train_experts(img, txt, c2i, settings, [0, 1]):
+        before = retrieval_of(heads_at(traj, 0, settings, 12, 10), img, txt, c2i, torch.device("cpu"))
+        after = retrieval_of(heads_at(traj, 10, settings, 12, 10), img, txt, c2i, torch.device("cpu"))
+        assert after["r_mean"] > before["r_mean"] + 20
+    small = dataclasses.replace(settings, batch_size=64, epochs=2, dropout=0.0)
+    few = train_experts(img[:8], txt[:24], c2i[:24], small, [0])[0]
+    _assert_same_trajectory(few, train_expert(img[:8], txt[:24], c2i[:24], small, 0), atol=1e-5)
 
 
 def test_expert_learns_retrieval():

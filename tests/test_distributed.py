@@ -41,6 +41,19 @@ def test_ray_experts_equal_local_experts(ray_session, toy, tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_ray_expert_groups_equal_local_groups(ray_session, toy, tmp_path):
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "buffer.batch_experts=2"])
+    caches = steps.encode(config)
+    local = steps.buffer(config, tmp_path / "local", caches)
+    remote_dir = tmp_path / "remote" / "buffer"
+    steps.buffer(config, tmp_path / "remote", caches, expert_runner(config, remote_dir, caches))
+    for k in range(3):  # groups [0, 1] and [2], each one task
+        a = load_file(str(local / f"expert_{k:03d}.safetensors"))
+        b = load_file(str(remote_dir / f"expert_{k:03d}.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
 def test_expert_whose_worker_dies_is_retried(ray_session, toy, tmp_path, monkeypatch):
     config = _config(toy, tmp_path)
     caches = steps.encode(config)

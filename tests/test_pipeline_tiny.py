@@ -114,6 +114,25 @@ def test_shared_buffer_serves_two_runs_and_refuses_other_settings(toy, tmp_path)
         steps.buffer(other, tmp_path / "run_c", caches)
 
 
+def test_batched_experts_fill_the_buffer_whatever_the_group_and_keep_their_own_identity(toy, tmp_path):
+    base = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "buffer.num_experts=3"]
+    config = load_config(None, [*base, "buffer.batch_experts=2"])  # groups [0, 1] and [2]
+    caches = steps.encode(config)
+    assert steps.expert_groups(config, [0, 1, 2]) == [[0, 1], [2]]
+    pairs = steps.buffer(config, tmp_path / "pairs", caches)
+    index = json.loads((pairs / "index.json").read_text())
+    assert [e["path"] for e in index["experts"]] == [f"expert_{k:03d}.safetensors" for k in range(3)]
+    assert index["identity"]["dropout_masks"] == "per expert" and "r_mean" in index["experts"][2]["eval_recall"]
+    whole = steps.buffer(load_config(None, [*base, "buffer.batch_experts=3"]), tmp_path / "whole", caches)
+    for k in range(3):  # an expert's trajectory does not depend on its group
+        a, b = (load_file(str(d / f"expert_{k:03d}.safetensors")) for d in (pairs, whole))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    one = load_config(None, [*base, f"buffer.dir={pairs}"])  # one at a time: other dropout masks
+    with pytest.raises(ConfigError, match="holds experts built with different dropout_masks"):
+        steps.buffer(one, tmp_path / "one", caches)
+
+
 def test_eval_every_logs_a_learning_curve(toy, tmp_path):
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature",
                                 *TINY, *STABLE_LRS, "distill.eval_every=2", "run.tensorboard=true"])
