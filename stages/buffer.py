@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,23 +98,33 @@ def train_expert(image_inputs: torch.Tensor, text_features: torch.Tensor, captio
             traj.image[epoch] = img_spec.flatten(model.image).detach().cpu().clone()
             traj.text[epoch] = txt_spec.flatten(model.text).detach().cpu().clone()
 
-    snapshot(0)
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        img_emb, txt_emb = model(img_all[c2i[idx]], txt_all[idx])
+        return clip_loss(img_emb @ txt_emb.T / settings.temperature)
+
     n = txt_all.shape[0]
-    steps = max(1, n // settings.batch_size)  # drop_last, as the references
-    last = max(keep)
-    for epoch in range(1, min(settings.epochs, last) + 1):
-        order = torch.randperm(n, generator=generator).to(device)
-        for step in range(steps):
-            idx = order[step * settings.batch_size:(step + 1) * settings.batch_size]
-            img_emb, txt_emb = model(img_all[c2i[idx]], txt_all[idx])
-            loss = clip_loss(img_emb @ txt_emb.T / settings.temperature)
+    _sgd_epochs(min(settings.epochs, max(keep)), n, settings.batch_size,
+                lambda: torch.randperm(n, generator=generator).to(device), loss_of, optimizer, snapshot,
+                f"expert with seed {seed}")
+    return traj
+
+
+def _sgd_epochs(epochs: int, n: int, batch_size: int, draw_order: Callable[[], torch.Tensor],
+                loss_of: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+                snapshot: Callable[[int], None], who: str) -> None:
+    """Epochs of SGD over `n` captions in the drawn order (drop_last, as the references), a snapshot after each
+    (epoch 0 included); `draw_order` gives [n] or, for experts trained together, [E, n]."""
+    snapshot(0)
+    for epoch in range(1, epochs + 1):
+        order = draw_order()
+        for step in range(max(1, n // batch_size)):
+            loss = loss_of(order[..., step * batch_size:(step + 1) * batch_size])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         if not math.isfinite(loss.item()):  # one host sync per epoch, not per step
-            raise FloatingPointError(f"expert with seed {seed} diverged: loss {loss.item()} at epoch {epoch}")
+            raise FloatingPointError(f"{who} diverged: loss {loss.item()} at epoch {epoch}")
         snapshot(epoch)
-    return traj
 
 
 def train_experts(image_features: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
@@ -142,7 +153,6 @@ def train_experts(image_features: torch.Tensor, text_features: torch.Tensor, cap
     trajs = [Trajectory({}, {}) for _ in seeds]
     n_exp, n = len(seeds), txt_all.shape[0]
     batch = min(settings.batch_size, n)  # fewer captions than a batch: one step on all of them, as train_expert
-    steps = max(1, n // settings.batch_size)  # drop_last, as train_expert
     rows = torch.arange(batch, device=device).repeat(n_exp)
 
     def snapshot(epoch: int) -> None:
@@ -157,23 +167,17 @@ def train_experts(image_features: torch.Tensor, text_features: torch.Tensor, cap
         draws = [torch.rand(batch, width, generator=g, device=device) for g in masks_from]
         return (torch.stack(draws) >= p).float() / (1 - p)
 
-    snapshot(0)
-    for epoch in range(1, min(settings.epochs, max(keep)) + 1):
-        orders = torch.stack([torch.randperm(n, generator=g) for g in orders_from]).to(device)
-        for step in range(steps):
-            idx = orders[:, step * batch:(step + 1) * batch]  # [E, B]
-            img_emb = img_spec.apply_stacked(img_flat, img_all[c2i[idx]], dropout_keep(img_spec.out_dim))
-            txt_emb = txt_spec.apply_stacked(txt_flat, txt_all[idx], dropout_keep(txt_spec.out_dim))
-            logits = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).transpose(1, 2) / settings.temperature
-            # the sum of the experts' CLIP losses: each expert's gradient is its own loss's
-            loss = 0.5 * n_exp * (F.cross_entropy(logits.reshape(-1, batch), rows)
-                                  + F.cross_entropy(logits.transpose(1, 2).reshape(-1, batch), rows))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if not math.isfinite(loss.item()):  # one host sync per epoch, not per step
-            raise FloatingPointError(f"experts with seeds {seeds} diverged: loss {loss.item()} at epoch {epoch}")
-        snapshot(epoch)
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:  # idx [E, B]
+        img_emb = img_spec.apply_stacked(img_flat, img_all[c2i[idx]], dropout_keep(img_spec.out_dim))
+        txt_emb = txt_spec.apply_stacked(txt_flat, txt_all[idx], dropout_keep(txt_spec.out_dim))
+        logits = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).transpose(1, 2) / settings.temperature
+        # the sum of the experts' CLIP losses: each expert's gradient is its own loss's
+        return 0.5 * n_exp * (F.cross_entropy(logits.reshape(-1, batch), rows)
+                              + F.cross_entropy(logits.transpose(1, 2).reshape(-1, batch), rows))
+
+    _sgd_epochs(min(settings.epochs, max(keep)), n, settings.batch_size,
+                lambda: torch.stack([torch.randperm(n, generator=g) for g in orders_from]).to(device), loss_of,
+                optimizer, snapshot, f"experts with seeds {seeds}")
     return trajs
 
 
