@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from repblend.pipeline import cli, rundir
+from repblend.pipeline.hostmem import keep_freed_memory, malloc_mode
 from repblend.stages.toydata import make_toy_dataset
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flickr8k_100.yaml"
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.small:  # as the `repblend` command does (pipeline/hostmem.py); --small runs inside the tests
+        keep_freed_memory()
     with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp:
         overrides = list(args.overrides)
         if args.small:
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours, theirs = durations(marks), durations(recorded)
     extra = " (+ the --small overrides)" if args.small else ""
     print(f"\nrepblend run --config {args.config} {' '.join(args.overrides)}".rstrip() + extra)
-    print(f"run directory {run_dir}{' (removed)' if args.small and not args.run_dir else ''}")
+    print(f"run directory {run_dir}{' (removed)' if args.small and not args.run_dir else ''}; malloc {malloc_mode()}")
     print(f"{'stage':8} {'seconds':>9} {'recorded':>9} {'share':>6}")
     for stage in STAGES:
         if stage in ours:
