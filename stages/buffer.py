@@ -141,10 +141,10 @@ def train_experts(image_features: torch.Tensor, text_features: torch.Tensor, cap
     orders_from = [torch.Generator().manual_seed(seed) for seed in seeds]  # init, then one permutation per epoch
     masks_from = [torch.Generator(device=device).manual_seed(seed + _MASK_SEED_OFFSET) for seed in seeds]
     inits = [(img_spec.init_flat(g), txt_spec.init_flat(g)) for g in orders_from]
-    img_flat = torch.stack([i for i, _ in inits]).to(device).requires_grad_(True)
-    txt_flat = torch.stack([t for _, t in inits]).to(device).requires_grad_(True)
-    optimizer = torch.optim.SGD([{"params": [img_flat], "lr": settings.lr_img},
-                                 {"params": [txt_flat], "lr": settings.lr_txt}],
+    img_params = [p.requires_grad_(True) for p in img_spec.stack(torch.stack([i for i, _ in inits]).to(device))]
+    txt_params = [p.requires_grad_(True) for p in txt_spec.stack(torch.stack([t for _, t in inits]).to(device))]
+    optimizer = torch.optim.SGD([{"params": img_params, "lr": settings.lr_img},
+                                 {"params": txt_params, "lr": settings.lr_txt}],
                                 lr=settings.lr_img, momentum=settings.momentum, weight_decay=settings.weight_decay)
     img_all = image_features.to(device, torch.float32)
     txt_all = text_features.to(device, torch.float32)
@@ -157,7 +157,9 @@ def train_experts(image_features: torch.Tensor, text_features: torch.Tensor, cap
 
     def snapshot(epoch: int) -> None:
         if epoch in keep:
-            for traj, img, txt in zip(trajs, img_flat.detach().cpu(), txt_flat.detach().cpu()):
+            with torch.no_grad():
+                img_rows, txt_rows = img_spec.unstack(img_params).cpu(), txt_spec.unstack(txt_params).cpu()
+            for traj, img, txt in zip(trajs, img_rows, txt_rows):
                 traj.image[epoch], traj.text[epoch] = img.clone(), txt.clone()
 
     def dropout_keep(width: int) -> torch.Tensor | None:
@@ -168,8 +170,8 @@ def train_experts(image_features: torch.Tensor, text_features: torch.Tensor, cap
         return (torch.stack(draws) >= p).float() / (1 - p)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:  # idx [E, B]
-        img_emb = img_spec.apply_stacked(img_flat, img_all[c2i[idx]], dropout_keep(img_spec.out_dim))
-        txt_emb = txt_spec.apply_stacked(txt_flat, txt_all[idx], dropout_keep(txt_spec.out_dim))
+        img_emb = img_spec.apply_stacked(img_params, img_all[c2i[idx]], dropout_keep(img_spec.out_dim))
+        txt_emb = txt_spec.apply_stacked(txt_params, txt_all[idx], dropout_keep(txt_spec.out_dim))
         logits = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).transpose(1, 2) / settings.temperature
         # the sum of the experts' CLIP losses: each expert's gradient is its own loss's
         return 0.5 * n_exp * (F.cross_entropy(logits.reshape(-1, batch), rows)

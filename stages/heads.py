@@ -242,22 +242,32 @@ class HeadSpec:
             y = dropout_with_generator(y, self.dropout, generator)
         return F.layer_norm(y + h, (o,), g, beta, LAYER_NORM_EPS)
 
-    def apply_stacked(self, flats: Tensor, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        """E heads at once: parameters ``flats`` [E, P], inputs ``x`` [E, B, in_dim] -> [E, B, out_dim].
-
-        One batched matrix product per layer for all E heads (several experts trained in one step). ``keep`` is an
-        inverted-dropout multiplier [E, B, out_dim] (0 or 1/(1-p)) applied where ``apply_flat`` applies dropout.
-        """
+    def stack(self, flats: Tensor) -> list[Tensor]:
+        """E heads' flat rows [E, P] as per-layer tensors for ``apply_stacked``: weights transposed, [E, in, out],
+        so that a batched product's weight gradient comes out contiguous (on a CPU 2-3x faster than [E, out, in]
+        views of the rows)."""
         if flats.dim() != 2 or flats.shape[1] != self.num_params:
             raise ValueError(f"stacked head parameters must be [E, {self.num_params}], got {tuple(flats.shape)}")
-        e, o = flats.shape[0], self.out_dim
-        w1, b1, w2, b2, g, beta = (flats.narrow(1, off, math.prod(shape)).view(e, *shape)
-                                   for _, off, shape in self.layout())
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2))
-        y = torch.baddbmm(b2.unsqueeze(1), F.gelu(h), w2.transpose(1, 2))
+        parts = [flats.narrow(1, off, math.prod(shape)).reshape(flats.shape[0], *shape)
+                 for _, off, shape in self.layout()]
+        parts[0], parts[2] = parts[0].transpose(1, 2), parts[2].transpose(1, 2)
+        return [part.contiguous() for part in parts]
+
+    def unstack(self, params: list[Tensor]) -> Tensor:
+        """The inverse of ``stack``: [E, P] flat rows."""
+        w1t, b1, w2t, b2, g, beta = params
+        return torch.cat([w1t.transpose(1, 2).flatten(1), b1, w2t.transpose(1, 2).flatten(1), b2, g, beta], dim=1)
+
+    def apply_stacked(self, params: list[Tensor], x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """E heads at once (parameters from ``stack``) on ``x`` [E, B, in_dim] -> [E, B, out_dim]: one batched matrix
+        product per layer (several experts trained in the same steps). ``keep`` is an inverted-dropout multiplier
+        [E, B, out_dim] (0 or 1/(1-p)) applied where ``apply_flat`` applies dropout."""
+        w1t, b1, w2t, b2, g, beta = params
+        h = torch.baddbmm(b1.unsqueeze(1), x, w1t)
+        y = torch.baddbmm(b2.unsqueeze(1), F.gelu(h), w2t)
         if keep is not None:
             y = y * keep
-        return F.layer_norm(y + h, (o,), None, None, LAYER_NORM_EPS) * g.unsqueeze(1) + beta.unsqueeze(1)
+        return F.layer_norm(y + h, (self.out_dim,), None, None, LAYER_NORM_EPS) * g.unsqueeze(1) + beta.unsqueeze(1)
 
     def _check_flat(self, flat: Tensor) -> None:
         if flat.dim() != 1 or flat.shape[0] != self.num_params:
