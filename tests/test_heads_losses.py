@@ -134,6 +134,32 @@ def test_apply_flat_gradients_match_module():
     assert torch.autograd.gradgradcheck(lambda f, xx: spec.apply_flat(f, xx, train=False), (flat0, x0))
 
 
+def test_stacked_heads_round_trip_and_equal_each_head_on_its_own():
+    spec = HeadSpec(6, 5, dropout=0.25)
+    g = torch.Generator().manual_seed(3)
+    flats = torch.stack([spec.init_flat(g) + 0.1 * torch.randn(spec.num_params, generator=g) for _ in range(3)])
+    params = spec.stack(flats)
+    assert params[0].shape == (3, 6, 5) and params[0].is_contiguous()  # weights transposed
+    assert torch.equal(spec.unstack(params), flats)
+    x = torch.randn(3, 4, 6, generator=g)
+    keep = (torch.rand(3, 4, 5, generator=g) >= 0.25).float() / 0.75
+    out = spec.apply_stacked(params, x, keep)
+    for e in range(3):
+        torch.testing.assert_close(out[e], _with_keep(spec, flats[e], x[e], keep[e]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(spec.apply_stacked(params, x)[1], spec.apply_flat(flats[1], x[1], train=False),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"must be \[E, 75\]"):
+        spec.stack(flats[0])
+
+
+def _with_keep(spec, flat, x, keep):
+    """apply_flat's train path with a given inverted-dropout multiplier instead of a drawn mask."""
+    p = spec.unflatten(flat)
+    h = F.linear(x, p["fc1.weight"], p["fc1.bias"])
+    y = F.linear(F.gelu(h), p["fc2.weight"], p["fc2.bias"]) * keep
+    return F.layer_norm(y + h, (spec.out_dim,), p["norm.weight"], p["norm.bias"], 1e-5)
+
+
 def test_dual_heads_and_logits():
     torch.manual_seed(0)
     heads = DualHeads(6, 4, 5).eval()
