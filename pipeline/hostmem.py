@@ -5,7 +5,8 @@ An image encoder's activations at 224 px are hundreds of MiB, so each forward an
 zeroed pages again. With mmap and trimming off (what `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the
 environment also give), on 2 cores: `repblend encode` of 1000 images 21.0 s instead of 29.4 s, an inversion step
 (33 images, EfficientNet-Lite0) 0.80 s instead of 1.05; the price is a peak RSS 14-25 % higher, kept until the
-process exits, which a batch job does anyway. The `repblend` command applies it at start; `REPBLEND_MALLOC=default`
+process exits, which a batch job does anyway (torch allocates with posix_memalign, whose padded request misses a
+freed block of the same size, so a repeated size grows the heap a few times over before freed blocks coalesce). The `repblend` command applies it at start; `REPBLEND_MALLOC=default`
 leaves glibc's defaults.
 """
 
