@@ -6,8 +6,8 @@ zeroed pages again. With mmap and trimming off (what `MALLOC_MMAP_THRESHOLD_` / 
 environment also give), on 2 cores: `repblend encode` of 1000 images 21.0 s instead of 29.4 s, an inversion step
 (33 images, EfficientNet-Lite0) 0.80 s instead of 1.05; the price is a peak RSS 14-25 % higher, kept until the
 process exits, which a batch job does anyway (torch allocates with posix_memalign, whose padded request misses a
-freed block of the same size, so a repeated size grows the heap a few times over before freed blocks coalesce). The `repblend` command applies it at start; `REPBLEND_MALLOC=default`
-leaves glibc's defaults.
+freed block of the same size, so a repeated size grows the heap a few times over before freed blocks coalesce).
+The `repblend` command applies it at start; `REPBLEND_MALLOC=default` leaves glibc's defaults.
 """
 
 from __future__ import annotations
