@@ -26,7 +26,7 @@ and equal to the order of ``ProjectionHead.parameters()``, is (``I = in_dim``, `
     O*I+3O+O*O                O       norm.bias         [O]
     total P = O*I + O*O + 4*O
 
-``apply_flat`` only takes views (``narrow`` + ``view``) of the flat vector: no copies, no Python loops
+``apply_flat`` only takes views of the flat vector (one ``split``, then ``view``): no copies, no Python loops
 over elements, so an unrolled loop of K steps holds K flat vectors and one graph per step.
 """
 
@@ -225,16 +225,11 @@ class HeadSpec:
         """
         self._check_flat(flat)
         i, o = self.in_dim, self.out_dim
-        w1 = flat.narrow(0, 0, o * i).view(o, i)
-        off = o * i
-        b1 = flat.narrow(0, off, o)
-        off += o
-        w2 = flat.narrow(0, off, o * o).view(o, o)
-        off += o * o
-        b2 = flat.narrow(0, off, o)
-        off += o
-        g = flat.narrow(0, off, o)
-        beta = flat.narrow(0, off + o, o)
+        # one split, not six narrows: each narrow's backward zero-fills a flat-sized gradient and the engine adds the
+        # six up, where split's backward is one concatenation. Same numbers; on 2 CPU cores a feature-space
+        # distillation iteration 122 -> 82 ms (flickr8k_100_cpu), a refine iteration 9.3 -> 6.6 s (99 pairs)
+        w1, b1, w2, b2, g, beta = flat.split((o * i, o, o * o, o, o, o))
+        w1, w2 = w1.view(o, i), w2.view(o, o)
 
         h = F.linear(x, w1, b1)
         y = F.linear(F.gelu(h), w2, b2)
