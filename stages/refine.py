@@ -71,9 +71,11 @@ def _train_epochs(state: State, first_epoch: int, orders: list[torch.Tensor], sp
             logits = _logits(theta, specs, images[idx], texts[idx], settings.temperature)
             loss = clip_loss(logits) if settings.loss == "clip" else wbce_loss(logits, similarity[idx][:, idx])
             grads = torch.autograd.grad(loss, theta, create_graph=create_graph)
-            buffers = tuple(settings.momentum * b + g + settings.weight_decay * t
+            # fused: 3 flat-sized kernels a parameter a step instead of 6 (they are most of a CPU iteration's
+            # elementwise work); in-place on a fresh sum is safe, since add saves nothing for its backward
+            buffers = tuple(g.add(b, alpha=settings.momentum).add_(t, alpha=settings.weight_decay)
                             for b, g, t in zip(buffers, grads, theta))
-            theta = tuple(t - factor * lr * b for t, lr, b in zip(theta, lrs, buffers))
+            theta = tuple(torch.addcmul(t, b, lr * -factor) for t, lr, b in zip(theta, lrs, buffers))
     if not create_graph:
         return tuple(t.detach() for t in (*theta, *buffers))
     return (*theta, *buffers)
