@@ -9,10 +9,10 @@ iteration) and the set descends the CLIP loss of the trained heads on a batch of
 aligns it with what it is measured by.
 
 The unroll is exact. Held whole, it keeps every step's graph (100 full-batch steps at 99 pairs and 1024-d heads:
-about 11 GiB on a CPU; 499 pairs take 4 batches an epoch and about 4 times that). With `segment_epochs` it keeps
-only the heads and momentum at segment boundaries and replays one segment at a time on the way back (gradient
-checkpointing by hand: torch.utils.checkpoint does not free the graph of the autograd.grad calls inside a step),
-the same gradient for one more forward pass (on a CPU still faster: 10 s against 17 s at 99 pairs).
+3.75 GiB on a CPU; 499 pairs take 4 batches an epoch, 12.9 GiB). With `segment_epochs` it keeps only the heads and
+momentum at segment boundaries and replays one segment at a time on the way back (gradient checkpointing by hand:
+torch.utils.checkpoint does not free the graph of the autograd.grad calls inside a step), the same gradient for one
+more forward pass (on a CPU still faster: 6.4 s and 1.7 GiB against 7.5 s at 99 pairs; benchmarks/bench_refine.py).
 Dropout is off inside the unroll (a fixed network is a cleaner meta-gradient); evaluation keeps the protocol's.
 The student lrs are learned in log space, so they stay positive.
 """
