@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from repblend.stages.bnfold import fold_batchnorm, same_function
 from repblend.stages.errors import EncoderError
 
 __all__ = [
@@ -150,7 +151,9 @@ class ImageEncoder(_Frozen):
 
     Differentiable with respect to the pixels (pixel-space distillation backpropagates through it);
     accepts contiguous or channels_last input. `classify` gives ImageNet logits where the weights came
-    with their classifier (efficientnet_lite0 package weights), else raises EncoderError.
+    with their classifier (efficientnet_lite0 package weights), else raises EncoderError. `forward` runs
+    `folded` (BatchNorms folded into the convolutions) where the backbone has any and the fold checks out;
+    `backbone` stays as loaded.
     """
 
     def __init__(self, name: str, backbone: nn.Module, feature_dim: int, preprocess: ImagePreprocess,
@@ -167,11 +170,17 @@ class ImageEncoder(_Frozen):
         # channels_last weights make convolutions take the fast NHWC path on CPU even for contiguous
         # input (EfficientNet-Lite0, 2 cores: ~20 -> ~32 img/s); outputs are unchanged (to ~1e-5).
         self.backbone.to(memory_format=torch.channels_last)
+        # what forward runs: the backbone with its BatchNorms folded into the convolutions (stages/bnfold.py), where
+        # that gives the same features; `backbone` itself keeps them (LoRS trains it)
+        folded, self.folded_batchnorms = fold_batchnorm(self.backbone)
+        if self.folded_batchnorms and not same_function(self.backbone, folded, preprocess.image_size):
+            folded, self.folded_batchnorms = None, 0
+        self.folded = folded.to(memory_format=torch.channels_last) if self.folded_batchnorms else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"{self.name}: expected pixels [B,3,H,W], got {tuple(pixels.shape)}")
-        return self.backbone(pixels)
+        return (self.backbone if self.folded is None else self.folded)(pixels)
 
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:
         """ImageNet logits [B,1000] (only for weights that ship a classifier)."""

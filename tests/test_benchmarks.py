@@ -136,6 +136,15 @@ def test_bench_refine_small(capsys):
     assert all(r["seconds"] > 0 and r["peak_gib"] > 0 for r in rows)
 
 
+def test_bench_encoder_small(capsys):
+    rows = _load("encoder").main(["--small", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "49 BatchNorms folded" in out and [r["pass"] for r in rows] == ["forward", "fwd+bwd pixels"]
+    for row in rows:  # the folded encoder computes what the loaded one does, to rounding
+        assert row["loaded_s"] > 0 and row["folded_s"] > 0 and row["speed_up"] > 0
+        assert row["feature_diff"] < 1e-4 and row["grad_diff"] < 1e-4
+
+
 def test_bench_run_small(capsys):
     figures = _load("run").main(["--small", "--threads", "1", "distill.iterations=8", "buffer.train_epochs=3"])
     out = capsys.readouterr().out
