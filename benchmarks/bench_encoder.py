@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the repblend command does: the figures are what a run sees
+    if not args.small:  # as the repblend command does, so the figures are what a run sees (--small runs in tests)
+        keep_freed_memory()
     device = torch.device(args.device)
     encoder = build_image_encoder(args.encoder, args.weights, args.image_size).to(device)
     if encoder.folded is None:
