@@ -47,7 +47,7 @@ def fold_batchnorm(backbone: nn.Module) -> tuple[nn.Module, int]:
         names = list(parent._modules)
         for conv_name, norm_name in zip(names, names[1:]):
             conv, norm = parent._modules[conv_name], parent._modules[norm_name]
-            rest = _after_norm(norm) if conv is not None and norm is not None else None
+            rest = _after_norm(norm)
             if rest is None or not _foldable(conv, norm):
                 continue
             parent._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
