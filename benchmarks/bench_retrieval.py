@@ -29,7 +29,7 @@ def make_data(n_img: int, caps_per_image: int, d: int, seed: int = 0):
     return torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(c2i)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="1000 images x 5000 captions (quick check)")
     ap.add_argument("--n-img", type=int, default=5000)
@@ -38,7 +38,11 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["torch", "faiss"], choices=["torch", "faiss"])
     ap.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if present)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per cell (best is reported)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     n_img = 1000 if args.small else args.n_img
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     backends = [b for b in args.backends if b != "faiss" or faiss_available()]

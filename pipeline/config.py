@@ -406,6 +406,7 @@ class RefineConfig:
     lr: float = 3e-3  # Adam on the features, texts, S and the log student lrs
     real_batch: int = 1024  # real training captions in each outer loss
     learn_lrs: bool = True
+    dropout: bool = False  # the unrolled heads train with the protocol's dropout (model.dropout), as evaluation's do
     # memory, not the result: replay the unroll in segments of this many epochs on the way back (99 pairs: 2.7 GiB
     # instead of 10.8, and faster on a CPU; 499 pairs: 7.5 GiB at 10, 4.9 at 5; benchmarks/bench_refine.py);
     # 0 = hold its whole graph

@@ -30,8 +30,11 @@ log = logging.getLogger("repblend")
 def result_settings(config: Config) -> dict:
     """The refine settings a refined (or adapted) set depends on: not how long, how often it probes or checkpoints,
     nor the unroll's segments, which change only rounding."""
-    return {k: v for k, v in dataclasses.asdict(config.refine).items()
-            if k not in ("enabled", "iterations", "ckpt_every", "eval_every", "segment_epochs")}
+    settings = {k: v for k, v in dataclasses.asdict(config.refine).items()
+                if k not in ("enabled", "iterations", "ckpt_every", "eval_every", "segment_epochs")}
+    if not settings["dropout"]:  # added later: sets refined without it keep their keys
+        del settings["dropout"]
+    return settings
 
 
 def _key(source: Path, config: Config, train_settings) -> str:
@@ -92,7 +95,8 @@ def adapt_to_images(config: Config, syn: dict[str, torch.Tensor], train, device:
     from repblend.stages.refine import Refiner, RefineSettings
 
     rc, iterations = config.refine, config.invert.adapt_iterations
-    settings = RefineSettings(rc.lr, rc.real_batch, rc.learn_lrs, None, rc.segment_epochs, learn_images=False)
+    settings = RefineSettings(rc.lr, rc.real_batch, rc.learn_lrs, None, rc.segment_epochs, learn_images=False,
+                              dropout=rc.dropout)
     refiner = Refiner(syn, _specs(config, syn), train_settings(config), settings)
     generator = torch.Generator().manual_seed(config.run.seed * 7919 + 13)
     done = _resume(checkpoint, key, iterations, refiner, generator, device)
@@ -132,7 +136,8 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     train = load_features(caches, config.data.train_split, device)
     rc = config.refine
     settings = RefineSettings(rc.lr, rc.real_batch, rc.learn_lrs,
-                              encoder_range(train) if config.distill.clamp_features else None, rc.segment_epochs)
+                              encoder_range(train) if config.distill.clamp_features else None, rc.segment_epochs,
+                              dropout=rc.dropout)
     refiner = Refiner(syn, _specs(config, syn), protocol_settings, settings)
     generator = torch.Generator().manual_seed(config.run.seed * 7919 + 11)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,9 @@ The unroll is exact. Held whole, it keeps every step's graph (100 full-batch ste
 momentum at segment boundaries and replays one segment at a time on the way back (gradient checkpointing by hand:
 torch.utils.checkpoint does not free the graph of the autograd.grad calls inside a step), the same gradient for one
 more forward pass (on a CPU still faster: 6.4 s and 1.7 GiB against 7.5 s at 99 pairs; benchmarks/bench_refine.py).
-Dropout is off inside the unroll (a fixed network is a cleaner meta-gradient); evaluation keeps the protocol's.
-The student lrs are learned in log space, so they stay positive.
+Dropout is off inside the unroll by default (a fixed network is a cleaner meta-gradient; evaluation keeps the
+protocol's); with `dropout` the unroll draws the protocol's dropout masks too, from a seed per step, so a segment
+replays with the masks it ran with. The student lrs are learned in log space, so they stay positive.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class RefineSettings:
     image_range: tuple[float, float] | None = None  # keep the features inside the encoder's range (clamp_features)
     segment_epochs: int = 0  # replay the unroll in segments of this many epochs (memory); 0 = hold it whole
     learn_images: bool = True  # False: the image side stays (pixels already made from it), the rest adapts to it
+    dropout: bool = False  # train the unrolled heads with the protocol's dropout, as evaluation does
 
 
 def lr_factor(epoch: int, settings: TrainSettings) -> float:
@@ -47,9 +49,19 @@ def lr_factor(epoch: int, settings: TrainSettings) -> float:
 
 
 def _logits(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], images: torch.Tensor,
-            texts: torch.Tensor, temperature: float) -> torch.Tensor:
-    return similarity_logits(specs[0].apply_flat(theta[0], images, train=False),
-                             specs[1].apply_flat(theta[1], texts, train=False), temperature)
+            texts: torch.Tensor, temperature: float, masks: torch.Generator | None = None) -> torch.Tensor:
+    """Without `masks` the heads run without dropout; with it, each head's dropout mask comes from it in turn."""
+    train = masks is not None
+    return similarity_logits(specs[0].apply_flat(theta[0], images, train=train, generator=masks),
+                             specs[1].apply_flat(theta[1], texts, train=train, generator=masks), temperature)
+
+
+def _step_masks(dropout_seed: int | None, step: int, device: torch.device) -> torch.Generator | None:
+    """The generator of global step `step`'s dropout masks: a function of the seed and the step alone, so a replayed
+    segment draws the masks its forward pass drew."""
+    if dropout_seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(dropout_seed + step)
 
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # image head, text head, their momenta
@@ -57,18 +69,20 @@ State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # image h
 
 def _train_epochs(state: State, first_epoch: int, orders: list[torch.Tensor], specs: tuple[HeadSpec, HeadSpec],
                   images: torch.Tensor, texts: torch.Tensor, similarity: torch.Tensor, lrs: torch.Tensor,
-                  settings: TrainSettings, create_graph: bool) -> State:
+                  settings: TrainSettings, create_graph: bool, dropout_seed: int | None = None) -> State:
     """`len(orders)` epochs of the protocol from `state`, one permutation each, in batches of `batch_size`, torch
     SGD's momentum and weight decay (buf = m * buf + g + wd * p; p -= lr * buf). Without `create_graph` nothing is
-    kept between steps (the heads are detached after each)."""
+    kept between steps (the heads are detached after each). With `dropout_seed` the heads train with dropout."""
     theta, buffers = state[:2], state[2:]
+    steps_per_epoch = math.ceil(images.shape[0] / settings.batch_size)
     for epoch, order in enumerate(orders, start=first_epoch):
         factor = lr_factor(epoch, settings)
-        for start in range(0, images.shape[0], settings.batch_size):
+        for b, start in enumerate(range(0, images.shape[0], settings.batch_size)):
             if not create_graph:
                 theta = tuple(t.detach().requires_grad_(True) for t in theta)
             idx = order[start:start + settings.batch_size]
-            logits = _logits(theta, specs, images[idx], texts[idx], settings.temperature)
+            masks = _step_masks(dropout_seed, epoch * steps_per_epoch + b, images.device)
+            logits = _logits(theta, specs, images[idx], texts[idx], settings.temperature, masks)
             loss = clip_loss(logits) if settings.loss == "clip" else wbce_loss(logits, similarity[idx][:, idx])
             grads = torch.autograd.grad(loss, theta, create_graph=create_graph)
             # fused: 3 flat-sized kernels a parameter a step instead of 6 (they are most of a CPU iteration's
@@ -86,7 +100,8 @@ class _SegmentedUnroll(torch.autograd.Function):
     segments last to first with their graphs and chains the vector-Jacobian products."""
 
     @staticmethod
-    def forward(ctx, images, texts, similarity, lrs, theta_img, theta_txt, specs, settings, orders, segment):
+    def forward(ctx, images, texts, similarity, lrs, theta_img, theta_txt, specs, settings, orders, segment,
+                dropout_seed):
         set_tensors = tuple(t.detach() for t in (images, texts, similarity, lrs))
         state = (theta_img.detach(), theta_txt.detach(), torch.zeros_like(theta_img), torch.zeros_like(theta_txt))
         starts = []
@@ -94,8 +109,9 @@ class _SegmentedUnroll(torch.autograd.Function):
             for first in range(0, len(orders), segment):
                 starts.append((first, state))
                 state = _train_epochs(state, first, orders[first:first + segment], specs, *set_tensors, settings,
-                                      create_graph=False)
+                                      create_graph=False, dropout_seed=dropout_seed)
         ctx.starts, ctx.specs, ctx.settings, ctx.orders, ctx.segment = starts, specs, settings, orders, segment
+        ctx.dropout_seed = dropout_seed
         ctx.save_for_backward(*set_tensors)
         return state[0], state[1]
 
@@ -108,7 +124,7 @@ class _SegmentedUnroll(torch.autograd.Function):
             with torch.enable_grad():
                 state = tuple(t.detach().requires_grad_(True) for t in start)
                 end = _train_epochs(state, first, ctx.orders[first:first + ctx.segment], ctx.specs, *set_tensors,
-                                    ctx.settings, create_graph=True)
+                                    ctx.settings, create_graph=True, dropout_seed=ctx.dropout_seed)
                 pairs = [(e, g) for e, g in zip(end, upstream) if g is not None]
                 grads = torch.autograd.grad([e for e, _ in pairs], state + set_tensors, [g for _, g in pairs],
                                             allow_unused=True)
@@ -117,23 +133,26 @@ class _SegmentedUnroll(torch.autograd.Function):
                 if grad is not None:
                     total += grad
         ctx.starts = None
-        return (*totals, None, None, None, None, None, None)
+        return (*totals, None, None, None, None, None, None, None)
 
 
 def protocol_unroll(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec], images: torch.Tensor,
                     texts: torch.Tensor, similarity: torch.Tensor, lrs: torch.Tensor, settings: TrainSettings,
-                    generator: torch.Generator, segment_epochs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    generator: torch.Generator, segment_epochs: int = 0, dropout: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The heads after `settings.epochs` of the protocol's training on the set from `theta`, differentiable w.r.t.
-    the set, its S and its lrs. The permutations are drawn from `generator` first, one per epoch; with
-    `segment_epochs` the graph is replayed in segments (same gradient up to float rounding, a fraction of the
-    memory)."""
+    the set, its S and its lrs. The permutations are drawn from `generator` first, one per epoch, then (with
+    `dropout`) the seed of the dropout masks; with `segment_epochs` the graph is replayed in segments (same gradient
+    up to float rounding, a fraction of the memory)."""
     orders = [torch.randperm(images.shape[0], generator=generator).to(images.device) for _ in range(settings.epochs)]
+    dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if dropout else None
     if segment_epochs <= 0 or segment_epochs >= settings.epochs:
         state = tuple(t.detach().requires_grad_(True) for t in theta) + tuple(torch.zeros_like(t) for t in theta)
-        trained = _train_epochs(state, 0, orders, specs, images, texts, similarity, lrs, settings, create_graph=True)
+        trained = _train_epochs(state, 0, orders, specs, images, texts, similarity, lrs, settings, create_graph=True,
+                                dropout_seed=dropout_seed)
         return trained[0], trained[1]
     return _SegmentedUnroll.apply(images, texts, similarity, lrs, theta[0], theta[1], specs, settings, orders,
-                                  segment_epochs)
+                                  segment_epochs, dropout_seed)
 
 
 def real_pairs_loss(theta: tuple[torch.Tensor, torch.Tensor], specs: tuple[HeadSpec, HeadSpec],
@@ -162,7 +181,7 @@ class Refiner:
         the set against the real pairs' loss; returns that loss."""
         theta = tuple(spec.init_flat(generator).to(self.images.device) for spec in self.specs)
         trained = protocol_unroll(theta, self.specs, self.images, self.texts, self.similarity, self.log_lrs.exp(),
-                                  self.train, generator, self.settings.segment_epochs)
+                                  self.train, generator, self.settings.segment_epochs, self.settings.dropout)
         loss = real_pairs_loss(trained, self.specs, real_images, real_texts, self.train.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,6 +4,7 @@ computes exactly what the fast path computes."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def _script(stem: str):
     """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
     spec = importlib.util.spec_from_file_location(stem, BENCHMARKS / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[stem] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -154,9 +156,8 @@ def test_bench_run_small(capsys):
     assert figures["iterations"] == 3 and figures["median_iteration_s"] > 0
 
 
-def test_bench_retrieval_small(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["bench_retrieval.py", "--small", "--dims", "64"])
-    _load("retrieval").main()
+def test_bench_retrieval_small(capsys):
+    _load("retrieval").main(["--small", "--dims", "64"])
     out = capsys.readouterr().out
     assert "backend" in out and "all backends identical" in out
 
@@ -309,3 +310,51 @@ def test_rank_limit_train_small(tmp_path, capsys):
     bound, _ = evaluation.full_bound(config, steps.load_features(caches, "train", device),
                                      steps.load_features(caches, "dev", device), device)
     assert rows[max(rows)]["r_mean"] == pytest.approx(bound["r_mean"]["mean"])
+
+
+def test_gpu_session_plan_is_valid_for_every_script():
+    """Every step of the one-call GPU plan parses with its benchmark's own arguments (GPU and --small forms), so the
+    plan cannot rot between the sessions that are lent a GPU."""
+    session = _script("gpu_session")
+    for step in session.PLAN:
+        script = _script(Path(step.script).stem)
+        for argv in (step.args, step.small):
+            script.parse_args(list(argv))
+    with pytest.raises(SystemExit):  # and a bad flag would be caught
+        _script("bench_distill").parse_args(["--no-such-flag"])
+    assert len({s.name for s in session.PLAN}) == len(session.PLAN)
+
+
+def test_gpu_session_stand_in_imports_repblend_without_an_install(tmp_path):
+    """On the device nothing is installed: the stand-in package alone (no site-packages) imports repblend.stages
+    from the checkout."""
+    import subprocess
+
+    site = _script("gpu_session").stand_in_package(tmp_path)
+    code = "import repblend.stages.errors as e, repblend; print(e.__file__); print(repblend.__version__)"
+    out = subprocess.run([sys.executable, "-S", "-c", code], env={"PYTHONPATH": str(site)}, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == str(site / "repblend" / "stages" / "errors.py")
+    assert Path(out[0]).resolve() == ROOT / "stages" / "errors.py"
+    assert out[1] == __import__("repblend").__version__
+
+
+def test_gpu_session_runs_steps_and_writes_the_summary(tmp_path):
+    session = _script("gpu_session")
+    results = session.main(["--small", "--only", "p4", "--out", str(tmp_path)])
+    assert [(r["step"], r["status"]) for r in results] == [("p4", "ok")]
+    assert "all backends identical" in (tmp_path / "session.log").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| p4 | P4:" in summary and "| ok |" in summary
+
+
+def test_gpu_session_reports_a_step_that_runs_past_its_limit(tmp_path):
+    session = _script("gpu_session")
+    with open(tmp_path / "log", "w") as log:
+        status, seconds = session.run_step([sys.executable, "-c", "import time; print('started', flush=True); "
+                                            "time.sleep(30)"], dict(os.environ), 1.0, log)
+    assert status == "timed out" and seconds < 10
+    assert (tmp_path / "log").read_text() == "started\n"
+    with open(tmp_path / "log", "w") as log:
+        assert session.run_step([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), 10.0, log)[0] == \
+            "rc 3"

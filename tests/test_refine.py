@@ -48,7 +48,9 @@ def test_the_unroll_replays_train_heads(loss):
         torch.testing.assert_close(theta.detach(), end, rtol=1e-4, atol=1e-5)
 
 
-def test_the_set_gradient_through_the_unroll_matches_finite_differences():
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_set_gradient_through_the_unroll_matches_finite_differences(dropout):
+    """With dropout the masks are a function of the generator's seed, so the loss is still a function of the set."""
     torch.manual_seed(2)
     n, d_img, d_txt = 5, 4, 3
     images = torch.randn(n, d_img, dtype=torch.float64, requires_grad=True)
@@ -56,14 +58,14 @@ def test_the_set_gradient_through_the_unroll_matches_finite_differences():
     similarity = torch.eye(n, dtype=torch.float64)
     log_lrs = torch.log(torch.tensor([0.5, 0.4], dtype=torch.float64)).requires_grad_(True)
     real = (torch.randn(12, d_img, dtype=torch.float64), torch.randn(12, d_txt, dtype=torch.float64))
-    specs = (HeadSpec(d_img, 4, 0.0), HeadSpec(d_txt, 4, 0.0))
-    settings = TrainSettings(embed_dim=4, dropout=0.0, epochs=3, batch_size=4)
+    specs = (HeadSpec(d_img, 4, dropout), HeadSpec(d_txt, 4, dropout))
+    settings = TrainSettings(embed_dim=4, dropout=dropout, epochs=3, batch_size=4)
     g = torch.Generator().manual_seed(0)
     theta = tuple(spec.init_flat(g, dtype=torch.float64) for spec in specs)
 
     def loss(x: torch.Tensor, log_lr: torch.Tensor) -> torch.Tensor:
         trained = protocol_unroll(theta, specs, x, texts, similarity, log_lr.exp(), settings,
-                                  torch.Generator().manual_seed(3))
+                                  torch.Generator().manual_seed(3), dropout=dropout > 0)
         return real_pairs_loss(trained, specs, *real, 0.07)
 
     grad_x, grad_lr = torch.autograd.grad(loss(images, log_lrs), (images, log_lrs))
@@ -78,25 +80,26 @@ def test_the_set_gradient_through_the_unroll_matches_finite_differences():
     assert float(grad_lr[0]) == pytest.approx(float(numeric.detach()) / (2 * eps), rel=1e-5, abs=1e-8)
 
 
-@pytest.mark.parametrize("segment", [1, 2])
-def test_the_segmented_unroll_gives_the_whole_unrolls_gradient(segment):
+@pytest.mark.parametrize(("segment", "dropout"), [(1, 0.0), (2, 0.0), (2, 0.4)])
+def test_the_segmented_unroll_gives_the_whole_unrolls_gradient(segment, dropout):
     """Replaying the unroll in segments on the way back (2 + 2 + 1 epochs, or one at a time) changes only memory:
-    the trained heads and the gradients of the set, its S and its lrs are the held-whole unroll's."""
+    the trained heads and the gradients of the set, its S and its lrs are the held-whole unroll's (with dropout: the
+    replayed segments draw the masks their forward pass drew)."""
     torch.manual_seed(4)
     n, d_img, d_txt = 7, 5, 4
     tensors = [torch.randn(n, d_img, dtype=torch.float64), torch.randn(n, d_txt, dtype=torch.float64),
                torch.eye(n, dtype=torch.float64) + 0.2 * torch.rand(n, n, dtype=torch.float64),
                torch.log(torch.tensor([0.4, 0.3], dtype=torch.float64))]
     real = (torch.randn(10, d_img, dtype=torch.float64), torch.randn(10, d_txt, dtype=torch.float64))
-    specs = (HeadSpec(d_img, 4, 0.0), HeadSpec(d_txt, 4, 0.0))
-    settings = TrainSettings(embed_dim=4, dropout=0.0, epochs=5, batch_size=3)
+    specs = (HeadSpec(d_img, 4, dropout), HeadSpec(d_txt, 4, dropout))
+    settings = TrainSettings(embed_dim=4, dropout=dropout, epochs=5, batch_size=3)
     theta = tuple(spec.init_flat(torch.Generator().manual_seed(0), dtype=torch.float64) for spec in specs)
 
     def run(segment_epochs: int):
         leaves = [t.clone().requires_grad_(True) for t in tensors]
         images, texts, similarity, log_lrs = leaves
         trained = protocol_unroll(theta, specs, images, texts, similarity, log_lrs.exp(), settings,
-                                  torch.Generator().manual_seed(5), segment_epochs)
+                                  torch.Generator().manual_seed(5), segment_epochs, dropout=dropout > 0)
         real_pairs_loss(trained, specs, *real, 0.07).backward()
         return [t.detach() for t in trained], [leaf.grad for leaf in leaves]
 
@@ -106,6 +109,32 @@ def test_the_segmented_unroll_gives_the_whole_unrolls_gradient(segment):
     for name, got, want in zip(("images", "texts", "similarity", "log_lrs"), grads, whole_grads):
         assert want.abs().max() > 1e-6, name  # each really gets a gradient
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_the_unroll_with_dropout_drops_what_the_protocol_drops():
+    """`dropout=True` trains through the heads' dropout: one step from the same start moves the heads elsewhere than
+    without it; the same seed draws the same masks, another seed others; a head without dropout ignores the flag."""
+    torch.manual_seed(6)
+    n, d = 6, 5
+    images, texts, similarity = torch.randn(n, d), torch.randn(n, d), torch.eye(n)
+    lrs = torch.tensor([0.5, 0.5])
+    settings = TrainSettings(embed_dim=64, dropout=0.25, epochs=1, batch_size=n)
+
+    def one_step(p: float, dropout: bool, seed: int) -> list[torch.Tensor]:
+        specs = (HeadSpec(d, 64, p), HeadSpec(d, 64, p))
+        theta = tuple(spec.init_flat(torch.Generator().manual_seed(0)) for spec in specs)
+        return [t.detach() for t in protocol_unroll(theta, specs, images, texts, similarity, lrs, settings,
+                                                    torch.Generator().manual_seed(seed), dropout=dropout)]
+
+    plain, dropped, again, other = one_step(0.25, False, 1), one_step(0.25, True, 1), one_step(0.25, True, 1), \
+        one_step(0.25, True, 2)
+    for a, b, c, e in zip(plain, dropped, again, other):
+        assert (a - b).abs().max() > 1e-4  # the masks bite
+        torch.testing.assert_close(b, c, rtol=0, atol=0)  # same seed, same masks
+        assert (b - e).abs().max() > 1e-4  # another seed, other masks
+    # and a head whose dropout is 0 is unchanged by the flag
+    for a, b in zip(one_step(0.0, False, 1), one_step(0.0, True, 1)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +236,12 @@ def test_more_iterations_continue_a_finished_refinement(toy, tmp_path):
 def test_refine_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_refine_dropout_is_part_of_the_refined_sets_key_only_when_on():
+    """Sets refined before `refine.dropout` existed keep their keys (nothing to redo); turning it on is another set."""
+    from repblend.pipeline.refinement import result_settings
+
+    off, on = load_config(None, []), load_config(None, ["refine.dropout=true"])
+    assert "dropout" not in result_settings(off)
+    assert result_settings(on) == result_settings(off) | {"dropout": True}
