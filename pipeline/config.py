@@ -404,6 +404,9 @@ class RefineConfig:
     enabled: bool = False
     iterations: int = 100  # outer iterations, each one whole protocol training (eval.epochs) of fresh heads
     lr: float = 3e-3  # Adam on the features, texts, S and the log student lrs
+    # constant | cosine: the Adam lr falls to 0 over refine.iterations (then the length is part of the set's key, so
+    # a longer run starts over instead of continuing a shorter one)
+    lr_schedule: str = "constant"
     real_batch: int = 1024  # real training captions in each outer loss
     learn_lrs: bool = True
     dropout: bool = False  # the unrolled heads train with the protocol's dropout (model.dropout), as evaluation's do
@@ -420,6 +423,7 @@ class RefineConfig:
         _positive("refine.lr", self.lr)
         _positive("refine.eval_every", self.eval_every, allow_zero=True)
         _positive("refine.segment_epochs", self.segment_epochs, allow_zero=True)
+        _choice("refine.lr_schedule", self.lr_schedule, ("constant", "cosine"))
 
 
 @dataclass

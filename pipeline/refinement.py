@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -32,9 +33,19 @@ def result_settings(config: Config) -> dict:
     nor the unroll's segments, which change only rounding."""
     settings = {k: v for k, v in dataclasses.asdict(config.refine).items()
                 if k not in ("enabled", "iterations", "ckpt_every", "eval_every", "segment_epochs")}
-    if not settings["dropout"]:  # added later: sets refined without it keep their keys
-        del settings["dropout"]
+    for key, before in (("dropout", False), ("lr_schedule", "constant")):  # added later: sets made before keep keys
+        if settings[key] == before:
+            del settings[key]
+    if config.refine.lr_schedule != "constant":  # the schedule spans the run: its length shapes every step
+        settings["iterations"] = config.refine.iterations
     return settings
+
+
+def lr_scale(schedule: str, iteration: int, iterations: int) -> float:
+    """The refine lr's multiplier in 1-based `iteration` of `iterations`: 1, or cosine from 1 down towards 0."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / iterations))
 
 
 def _key(source: Path, config: Config, train_settings) -> str:
@@ -88,7 +99,8 @@ def adapt_to_images(config: Config, syn: dict[str, torch.Tensor], train, device:
     """The inverted set's texts, S and lrs after `invert.adapt_iterations` refine iterations (refine's settings)
     against its images' actual encodings, which stay fixed: the pixels cannot reach the refined features exactly,
     the free parts can follow them. Checkpointed like refine, under `key` (what the adaptation depends on, not how
-    long it runs): a killed run continues, and a larger `adapt_iterations` continues a finished one."""
+    long it runs): a killed run continues, and a larger `adapt_iterations` continues a finished one. Its Adam lr is
+    refine.lr throughout (refine.lr_schedule shapes refinement only)."""
     from tqdm import tqdm
 
     from repblend.pipeline.evaluation import train_settings
@@ -156,6 +168,7 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     with open(metrics_path, "a") as metrics, tqdm(total=rc.iterations, initial=done, desc="refine", unit="it",
                                                    disable=not config.run.progress) as bar:
         for it in range(done + 1, rc.iterations + 1):
+            refiner.set_lr(rc.lr * lr_scale(rc.lr_schedule, it, rc.iterations))
             loss = refiner.step(*_real_batch(train, rc.real_batch, generator, device), generator)
             lr_img, lr_txt = refiner.student_lrs()
             row = {"iteration": it, "real_loss": round(loss, 5), "lr_img": lr_img, "lr_txt": lr_txt}

@@ -193,6 +193,11 @@ class Refiner:
                 self.images.clamp_(*self.settings.image_range)
         return loss.item()
 
+    def set_lr(self, lr: float) -> None:
+        """The outer Adam's lr from the next step on (the pipeline's schedule)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def student_lrs(self) -> tuple[float, float]:
         img, txt = self.log_lrs.detach().exp().tolist()
         return img, txt

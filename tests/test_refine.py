@@ -226,11 +226,45 @@ def test_more_iterations_continue_a_finished_refinement(toy, tmp_path):
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4, 5, 6]
 
 
+def test_cosine_refinement_with_dropout_steps_its_lr_down_and_resumes_to_the_same_set(toy, tmp_path, monkeypatch):
+    from repblend.stages.refine import Refiner
+
+    config = _config(toy, tmp_path, "refine.lr_schedule=cosine", "refine.dropout=true")
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    steps.distill(config, tmp_path, caches)
+    plain = load_file(str(refine_step(_config(toy, tmp_path), tmp_path, caches)))
+    for path in (tmp_path / "refine").iterdir():
+        path.unlink()
+    lrs, set_lr, step = [], Refiner.set_lr, Refiner.step
+    monkeypatch.setattr(Refiner, "set_lr", lambda self, lr: (lrs.append(lr), set_lr(self, lr)))
+    whole = load_file(str(refine_step(config, tmp_path, caches)))
+    assert lrs == pytest.approx([0.01, 0.01 * (0.5 + 0.5 ** 1.5), 0.005, 0.01 * (0.5 - 0.5 ** 1.5)])
+    assert not torch.equal(whole["texts"], plain["texts"])  # another set than the constant lr without dropout
+    for path in (tmp_path / "refine").iterdir():
+        path.unlink()
+
+    def dies_in_the_third(self, *args):
+        if len(lrs) == 7:  # 4 whole, then the third of this run
+            raise KeyboardInterrupt
+        return step(self, *args)
+
+    monkeypatch.setattr(Refiner, "step", dies_in_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        refine_step(config, tmp_path, caches)
+    monkeypatch.setattr(Refiner, "step", step)
+    resumed = load_file(str(refine_step(config, tmp_path, caches)))  # the lr and the dropout masks where they were
+    assert lrs[7:] == pytest.approx(lrs[2:4])
+    for name, tensor in whole.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["refine.enabled=true"], "needs distill.space=feature and distill.mode=repblend"),
     (["refine.iterations=0"], "refine.iterations=0 must be > 0"),
     (["refine.lr=-1"], "refine.lr=-1"),
     (["refine.segment_epochs=-2"], "refine.segment_epochs=-2"),
+    (["refine.lr_schedule=linear"], "refine.lr_schedule"),
     (["distill.space=feature", "refine.enabled=true", "ebr.enabled=true"], "does not model EBR"),
 ])
 def test_refine_settings_are_checked(overrides, message):
@@ -245,3 +279,18 @@ def test_refine_dropout_is_part_of_the_refined_sets_key_only_when_on():
     off, on = load_config(None, []), load_config(None, ["refine.dropout=true"])
     assert "dropout" not in result_settings(off)
     assert result_settings(on) == result_settings(off) | {"dropout": True}
+
+
+def test_refine_cosine_schedule_falls_to_zero_and_keys_the_length():
+    """Cosine starts at refine.lr and falls towards 0 over refine.iterations; since the length shapes every step, it
+    is part of the key then (a longer run starts over), and not under the constant lr (a longer run continues)."""
+    from repblend.pipeline.refinement import lr_scale, result_settings
+
+    assert [lr_scale("cosine", it, 4) for it in (1, 3)] == [1.0, pytest.approx(0.5)]
+    assert 0 < lr_scale("cosine", 4, 4) < 0.15 and lr_scale("constant", 4, 4) == 1.0
+    cosine = [load_config(None, ["refine.lr_schedule=cosine", f"refine.iterations={n}"]) for n in (50, 100)]
+    assert result_settings(cosine[0]) != result_settings(cosine[1])
+    assert result_settings(cosine[0])["lr_schedule"] == "cosine"
+    constant = [load_config(None, [f"refine.iterations={n}"]) for n in (50, 100)]
+    assert result_settings(constant[0]) == result_settings(constant[1])
+    assert "lr_schedule" not in result_settings(constant[0])  # sets refined before the option keep their keys
