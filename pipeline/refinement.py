@@ -29,8 +29,8 @@ log = logging.getLogger("repblend")
 
 
 def result_settings(config: Config) -> dict:
-    """The refine settings a refined (or adapted) set depends on: not how long, how often it probes or checkpoints,
-    nor the unroll's segments, which change only rounding."""
+    """The refine settings a refined (or adapted) set depends on: not how long (unless a cosine lr spans the run),
+    how often it probes or checkpoints, nor the unroll's segments, which change only rounding."""
     settings = {k: v for k, v in dataclasses.asdict(config.refine).items()
                 if k not in ("enabled", "iterations", "ckpt_every", "eval_every", "segment_epochs")}
     for key, before in (("dropout", False), ("lr_schedule", "constant")):  # added later: sets made before keep keys
