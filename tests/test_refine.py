@@ -178,14 +178,11 @@ def test_run_refines_the_feature_set_and_evaluates_both(toy, tmp_path):
     assert torch.equal(load_distilled(out / "synthetic.safetensors").images, refined["image_features"])
 
 
-def test_a_killed_refinement_resumes_to_the_same_set(toy, tmp_path, monkeypatch):
+def _killed_in_the_third_iteration_then_rerun(config, tmp_path, caches, monkeypatch) -> dict[str, torch.Tensor]:
+    """Refinement from scratch, killed in its third iteration (after the checkpoint of the second), then the same
+    command again: the set it ends with."""
     from repblend.stages.refine import Refiner
 
-    config = _config(toy, tmp_path)
-    caches = steps.encode(config)
-    steps.buffer(config, tmp_path, caches)
-    steps.distill(config, tmp_path, caches)
-    whole = load_file(str(refine_step(config, tmp_path, caches)))
     for path in (tmp_path / "refine").iterdir():
         path.unlink()
     original, calls = Refiner.step, []
@@ -201,7 +198,16 @@ def test_a_killed_refinement_resumes_to_the_same_set(toy, tmp_path, monkeypatch)
         refine_step(config, tmp_path, caches)
     monkeypatch.setattr(Refiner, "step", original)
     assert torch.load(tmp_path / "refine" / "checkpoint.pt", weights_only=False)["iteration"] == 2
-    resumed = load_file(str(refine_step(config, tmp_path, caches)))
+    return load_file(str(refine_step(config, tmp_path, caches)))
+
+
+def test_a_killed_refinement_resumes_to_the_same_set(toy, tmp_path, monkeypatch):
+    config = _config(toy, tmp_path)
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    steps.distill(config, tmp_path, caches)
+    whole = load_file(str(refine_step(config, tmp_path, caches)))
+    resumed = _killed_in_the_third_iteration_then_rerun(config, tmp_path, caches, monkeypatch)
     for name, tensor in whole.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
     lines = (tmp_path / "refine" / "metrics.jsonl").read_text().splitlines()
@@ -236,25 +242,13 @@ def test_cosine_refinement_with_dropout_steps_its_lr_down_and_resumes_to_the_sam
     plain = load_file(str(refine_step(_config(toy, tmp_path), tmp_path, caches)))
     for path in (tmp_path / "refine").iterdir():
         path.unlink()
-    lrs, set_lr, step = [], Refiner.set_lr, Refiner.step
+    lrs, set_lr = [], Refiner.set_lr
     monkeypatch.setattr(Refiner, "set_lr", lambda self, lr: (lrs.append(lr), set_lr(self, lr)))
     whole = load_file(str(refine_step(config, tmp_path, caches)))
     assert lrs == pytest.approx([0.01, 0.01 * (0.5 + 0.5 ** 1.5), 0.005, 0.01 * (0.5 - 0.5 ** 1.5)])
     assert not torch.equal(whole["texts"], plain["texts"])  # another set than the constant lr without dropout
-    for path in (tmp_path / "refine").iterdir():
-        path.unlink()
-
-    def dies_in_the_third(self, *args):
-        if len(lrs) == 7:  # 4 whole, then the third of this run
-            raise KeyboardInterrupt
-        return step(self, *args)
-
-    monkeypatch.setattr(Refiner, "step", dies_in_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        refine_step(config, tmp_path, caches)
-    monkeypatch.setattr(Refiner, "step", step)
-    resumed = load_file(str(refine_step(config, tmp_path, caches)))  # the lr and the dropout masks where they were
-    assert lrs[7:] == pytest.approx(lrs[2:4])
+    resumed = _killed_in_the_third_iteration_then_rerun(config, tmp_path, caches, monkeypatch)
+    assert lrs[7:] == pytest.approx(lrs[2:4])  # 4 whole, 3 killed, then the lr and the masks where they were
     for name, tensor in whole.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
 
