@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,8 +114,6 @@ class _Killer:
     """Kills a child's whole process group at its deadline (a compile may spawn workers of its own)."""
 
     def __init__(self, proc: subprocess.Popen, deadline: float) -> None:
-        import threading
-
         self.fired = False
         self._timer = threading.Timer(max(0.0, deadline - time.perf_counter()), self._kill, (proc,))
         self._timer.daemon = True
@@ -165,6 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                               env=env, cwd=scratch, capture_output=True, text=True)  # not ROOT: its repblend/
         print(head.stdout + head.stderr, end="")
         log.write(head.stdout + head.stderr)
+        if head.returncode != 0:  # every step would fail the same way: spend no more device time
+            sys.exit("gpu_session: torch or repblend does not import (above); no step run")
         for step in steps:
             left = args.budget - (time.perf_counter() - session_start)
             limit = step.limit_s if not args.small else max(step.limit_s, 300)
