@@ -13,7 +13,8 @@ protocol; every arm logs recall and collapse diagnostics every `distill.eval_eve
   encoder vs the text head, LoRS) matching; Sim and Gap over iterations, and the image-side vs text-side
   matching losses (the asymmetric plateau).
 
-Writes results.json, table.md and PNGs (sim_gap.png, over_iterations.png, matching_losses.png) to --out.
+Writes results.json, table.md and PNGs (sim_gap.png, over_iterations.png, matching_losses.png) to --out, for
+the arms of the call (all of the study's, or those --arms names).
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-every", type=int, default=50, help="probe recall and diagnostics every N iterations")
     ap.add_argument("--out", type=Path, help="default: runs/ablations/<study>")
     ap.add_argument("--arms", nargs="+", metavar="LABEL", help="run only these arms (e.g. 'asymmetric / blend off', "
-                    "to spread arms over processes); the study's table and plots need a run of all arms, which "
-                    "then reads the finished ones back")
+                    "to spread arms over processes; put key=value overrides before it); a call of one arm writes no "
+                    "table, a call of several (or of all: the default) tables and plots those, reading finished "
+                    "arms back")
     args = ap.parse_args(argv)
     config_path = args.config or DEFAULT_CONFIG[args.study]
     out = args.out or Path("runs/ablations") / args.study
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[label] = run_arm(config_path, overrides, arm, out, label)
         print(f"{label}: r_mean {results[label]['final']['r_mean']:.2f}, gap {results[label]['final']['gap']:.3f} "
               f"({results[label]['distill_seconds']} s)", file=sys.stderr)
-    if len(results) < len(chosen):
+    if len(results) < 2:  # a comparison needs two arms; one-arm calls may run side by side on the same --out
         return results
     (out / "results.json").write_text(json.dumps({"config": config_path, "overrides": overrides, "arms": results},
                                                  indent=1))

@@ -4,6 +4,7 @@ computes exactly what the fast path computes."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -217,6 +218,12 @@ def test_repblend_ablations_small(tmp_path, capsys, study):
         assert "| initial pairs (heads) |" in out and "| initial pairs (encoder fine-tuned) |" in out
     else:
         assert "| initial pairs |" in out
+    second = expected[1]  # a subset of finished arms: read back, and tabled on their own
+    subset = module.main([*argv, "--arms", second, first])
+    assert list(subset) == [first, second] and evaluated.stat().st_mtime_ns == stamp
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert [label for label in expected if f"| {label} |" in table] == [first, second]
+    assert list(json.loads((tmp_path / "out" / "results.json").read_text())["arms"]) == [first, second]
 
 
 def test_low_rank_update_keeps_the_best_rank_k_move_of_the_first_layer_only():
