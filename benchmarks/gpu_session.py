@@ -67,6 +67,8 @@ PLAN = (
          "bench_retrieval.py", ("--devices", "cuda", "cpu", "--dims", "256", "1024", "2304"), ("--small",), 90),
     Step("refine", "refine iteration on the GPU: 99 and 499 pairs, whole graph against segments of 10",
          "bench_refine.py", ("--device", "cuda", "--pairs", "99", "499", "--segments", "0", "10"), ("--small",), 90),
+    Step("lors", "LoRS-mode iteration (the encoder differentiated twice), 224 px: plain against loop-free + folded",
+         "bench_lors.py", ("--device", "cuda", "--image-size", "224", "--weights", "random"), ("--small",), 90),
 )
 
 

@@ -13,6 +13,7 @@ input before using it, so an architecture where that order is not the order of e
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,31 +36,57 @@ def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
             and not norm.training and norm.running_mean is not None and norm.num_features == conv.out_channels)
 
 
-def fold_batchnorm(backbone: nn.Module) -> tuple[nn.Module, int]:
+def fold_batchnorm(backbone: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
     """A copy of the eval-mode `backbone` with each BatchNorm folded into the Conv2d registered just before it, and
-    how many were folded. The original is not touched (LoRS trains it with its BatchNorm parameters); without any
-    BatchNorm it is what comes back (no copy of a large transformer)."""
+    the (conv, norm) module names folded. The original is not touched (LoRS trains it with its BatchNorm
+    parameters); without any BatchNorm it is what comes back (no copy of a large transformer)."""
     if not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules()):
-        return backbone, 0
+        return backbone, []
     folded = copy.deepcopy(backbone).eval()
-    count = 0
-    for parent in list(folded.modules()):
+    pairs = []
+    for prefix, parent in list(folded.named_modules()):
         names = list(parent._modules)
         for conv_name, norm_name in zip(names, names[1:]):
             conv, norm = parent._modules[conv_name], parent._modules[norm_name]
             rest = _after_norm(norm)
             if rest is None or not _foldable(conv, norm):
                 continue
-            parent._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
-            parent._modules[norm_name] = rest
-            count += 1
-    return folded, count
+            parent._modules[conv_name], parent._modules[norm_name] = fuse_conv_bn_eval(conv, norm), rest
+            pairs.append((f"{prefix}.{conv_name}" if prefix else conv_name,
+                          f"{prefix}.{norm_name}" if prefix else norm_name))
+    return folded, pairs
+
+
+def fold_parameters(params: dict[str, torch.Tensor], pairs: list[tuple[str, str]],
+                    backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The folded copy's parameters from the original's, differentiably in all of them (a student that trains the
+    BatchNorm affine maps too): per output channel, scale = gamma / sqrt(running_var + eps), weight * scale and
+    bias beta + (b - running_mean) * scale, with `backbone`'s fixed running statistics.
+
+    In float64 the folded function and its first and second derivatives are the unfolded ones to 1e-9
+    (tests/test_lors.py); in float32 they differ by rounding, enough to put a ReLU6 pre-activation that sits
+    within rounding of 0 or 6 on the other side of the kink (benchmarks/bench_lors.py, `--smooth`)."""
+    out = dict(params)
+    for conv, norm in pairs:
+        bn = backbone.get_submodule(norm)
+        weight = out.pop(f"{conv}.weight")
+        bias = out.pop(f"{conv}.bias", None)
+        gamma, beta = out.pop(f"{norm}.weight", None), out.pop(f"{norm}.bias", None)
+        mean = bn.running_mean.to(weight.dtype)
+        scale = (bn.running_var.to(weight.dtype) + bn.eps).rsqrt()
+        scale = scale if gamma is None else gamma * scale
+        shift = -mean if bias is None else bias - mean
+        out[f"{conv}.weight"] = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+        out[f"{conv}.bias"] = shift * scale if beta is None else beta + shift * scale
+    return out
 
 
 @torch.no_grad()
-def same_function(original: nn.Module, folded: nn.Module, image_size: int, rtol: float = 1e-4) -> bool:
+def same_function(original: nn.Module, folded: Callable[[torch.Tensor], torch.Tensor], image_size: int,
+                  rtol: float = 1e-4) -> bool:
     """Whether the two give the same features on a seeded random batch (relative max error below `rtol`)."""
     pixels = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    device = next(original.parameters(), torch.empty(0)).device
-    want, got = original(pixels.to(device)).float(), folded(pixels.to(device)).float()
+    like = next(original.parameters(), torch.empty(0))
+    pixels = pixels.to(like.device, like.dtype if like.is_floating_point() else torch.float32)
+    want, got = original(pixels).float(), folded(pixels).float()
     return want.shape == got.shape and bool((want - got).abs().max() <= rtol * want.abs().max().clamp_min(1e-12))

@@ -172,8 +172,9 @@ class ImageEncoder(_Frozen):
         self.backbone.to(memory_format=torch.channels_last)
         # what forward runs: the backbone with its BatchNorms folded into the convolutions (stages/bnfold.py), where
         # that gives the same features; `backbone` itself keeps them (LoRS trains it)
-        folded, self.folded_batchnorms = fold_batchnorm(self.backbone)
-        if self.folded_batchnorms and not same_function(self.backbone, folded, preprocess.image_size):
+        folded, pairs = fold_batchnorm(self.backbone)
+        self.folded_batchnorms = len(pairs)
+        if pairs and not same_function(self.backbone, folded, preprocess.image_size):
             folded, self.folded_batchnorms = None, 0
         self.folded = folded.to(memory_format=torch.channels_last) if self.folded_batchnorms else None
 

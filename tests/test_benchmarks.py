@@ -148,6 +148,16 @@ def test_bench_encoder_small(capsys):
         assert row["feature_diff"] < 1e-4 and row["grad_diff"] < 1e-4
 
 
+def test_bench_lors_small(capsys):
+    figures = _load("lors").main(["--small", "--threads", "1", "--smooth"])
+    out = capsys.readouterr().out
+    assert "against float64" in out and "SiLU for ReLU6" in out
+    assert [r["form"] for r in figures["rows"]] == ["plain", "loop-free", "loop-free + folded"]
+    for row in figures["rows"]:  # every form computes the float64 gradients, to float32 rounding (no kinks)
+        assert row["seconds"] > 0 and row["speedup"] > 0
+        assert set(row["grad_diff"]) >= {"images", "texts", "syn_lr_img"} and max(row["grad_diff"].values()) < 1e-4
+
+
 def test_bench_run_small(capsys):
     figures = _load("run").main(["--small", "--threads", "1", "distill.iterations=8", "buffer.train_epochs=3"])
     out = capsys.readouterr().out

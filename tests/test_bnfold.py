@@ -35,8 +35,8 @@ def test_every_batchnorm_of_a_timm_efficientnet_folds_to_the_same_features_and_p
     model = _timm_lite0()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    folded, count = fold_batchnorm(model)
-    assert count == norms == 49
+    folded, pairs = fold_batchnorm(model)
+    assert len(pairs) == norms == 49
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert model.state_dict().keys() == before.keys()  # the original keeps its BatchNorms (LoRS trains them)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -65,8 +65,8 @@ class _NormFirst(nn.Module):
 def test_a_fold_that_changes_the_function_is_caught_and_the_encoder_runs_unfolded():
     torch.manual_seed(0)
     model = _randomise_norms(_NormFirst())
-    folded, count = fold_batchnorm(model)
-    assert count == 1 and not same_function(model, folded, SIZE)
+    folded, pairs = fold_batchnorm(model)
+    assert pairs == [("conv", "norm")] and not same_function(model, folded, SIZE)
 
     encoder = ImageEncoder("norm-first", model, 3, ImagePreprocess(image_size=SIZE, mean=HALF, std=HALF))
     assert encoder.folded is None and encoder.folded_batchnorms == 0
@@ -92,4 +92,4 @@ def test_an_encoder_without_batchnorm_has_nothing_folded_and_no_copy():
 
     encoder = build_image_encoder("tiny", "random", SIZE)
     assert encoder.folded is None and encoder.folded_batchnorms == 0
-    assert fold_batchnorm(encoder.backbone) == (encoder.backbone, 0)
+    assert fold_batchnorm(encoder.backbone) == (encoder.backbone, [])

@@ -16,7 +16,7 @@ from repblend.stages.distill import (DistillSettings, SyntheticSet, match_tesla,
                                      student_loss)
 from repblend.stages.errors import ConfigError
 from repblend.stages.heads import HeadSpec
-from repblend.stages.lors import EncoderSpec, LorsModel, lors_specs
+from repblend.stages.lors import EncoderSpec, FineTunedEncoder, LorsModel, lors_specs
 from repblend.stages.toydata import make_toy_dataset
 from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
 
@@ -51,13 +51,69 @@ def test_flat_encoder_equals_the_module_and_round_trips():
     assert spec.num_params == sum(p.numel() for p in encoder.parameters())
     x = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64)
     flat = spec.flatten(encoder)
-    torch.testing.assert_close(spec.apply_flat(flat, x), encoder(x), rtol=0, atol=0)
+    torch.testing.assert_close(spec.apply_flat(flat, x), encoder(x), rtol=1e-12, atol=1e-14)  # BatchNorm folded
+    assert spec.fold.folded[1] == [("conv", "bn")]
     other = torch.randn_like(flat)
     copy_ = spec.load_flat(copy.deepcopy(encoder), other)
     torch.testing.assert_close(spec.flatten(copy_), other, rtol=0, atol=0)
-    torch.testing.assert_close(spec.apply_flat(other, x), copy_(x), rtol=0, atol=0)
+    torch.testing.assert_close(spec.apply_flat(other, x), copy_(x), rtol=1e-12, atol=1e-14)
+    unfolded = EncoderSpec(encoder, fold=False)
+    torch.testing.assert_close(unfolded.apply_flat(other, x), copy_(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match=f"1-D tensor of {spec.num_params} values"):
         spec.apply_flat(flat[:-1], x)
+
+
+def test_the_encoder_speedups_keep_first_and_second_order_gradients():
+    """Folded BatchNorms and the loop-free grouped double backward against plain functional_call, on a real
+    architecture (timm's EfficientNet-Lite0: 49 BatchNorms, 16 depthwise convolutions) with trained-looking
+    statistics, at parameters away from the module's (so that gamma and beta are the flat vector's, not its)."""
+    timm = pytest.importorskip("timm")
+    from test_bnfold import _randomise_norms
+
+    torch.manual_seed(0)
+    model = _randomise_norms(timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)).double()
+    fast, plain = EncoderSpec(model), EncoderSpec(model, fold=False, loop_free_convs=False)
+    g = torch.Generator().manual_seed(1)
+    flat = plain.flatten(model) * (1 + 0.1 * torch.randn(plain.num_params, generator=g, dtype=torch.float64))
+    u = torch.randn(plain.num_params, generator=g, dtype=torch.float64)
+    x0 = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+
+    def derivatives(spec):
+        theta, x = flat.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+        y = spec.apply_flat(theta, x)
+        (grad,) = torch.autograd.grad(y.square().sum(), theta, create_graph=True)
+        return (y, grad, *torch.autograd.grad((grad * u).sum(), (theta, x)))
+
+    got, want = derivatives(fast), derivatives(plain)
+    assert len(fast.fold.folded[1]) == 49 and plain.fold.folded is None
+    for name, a, b in zip(("features", "gradient", "hvp theta", "hvp pixels"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item(), msg=name)
+
+
+def test_an_encoder_whose_fold_changes_its_function_runs_unfolded():
+    from test_bnfold import _NormFirst, _randomise_norms
+
+    torch.manual_seed(0)
+    model = _randomise_norms(_NormFirst()).double()
+    spec = EncoderSpec(model)
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    torch.testing.assert_close(spec.apply_flat(spec.flatten(model), x), model(x), rtol=0, atol=0)
+    assert spec.fold.device == x.device and spec.fold.folded is None
+
+
+def test_fine_tuned_encoder_trains_through_the_fold_as_through_its_batchnorms():
+    encoder = _encoder()
+    tuned = FineTunedEncoder(encoder)
+    x = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64)
+    out = tuned(x)
+    out.square().sum().backward()
+    want = encoder(x)
+    grads = torch.autograd.grad(want.square().sum(), list(encoder.parameters()))
+    assert tuned.fold.folded is not None  # the folded copy ran...
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-14)
+    for (name, p), grad in zip(tuned.backbone.named_parameters(), grads):  # ...and BatchNorm's gamma, beta train
+        torch.testing.assert_close(p.grad, grad, rtol=1e-10, atol=1e-14, msg=name)
+    assert tuned.state_dict().keys() == {f"backbone.{k}" for k in encoder.state_dict()}  # no copy registered
 
 
 def test_fine_tuned_encoder_keeps_batchnorm_statistics():
