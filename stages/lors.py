@@ -13,7 +13,8 @@ Each student step is differentiated twice through the encoder, and two things ma
 the function: the BatchNorms are folded into the convolutions with parameters made differentiably from the flat
 vector (`bnfold.fold_parameters`; BatchNorm's double backward was a fifth of the time), and grouped convolutions
 take a double backward without PyTorch's loop over groups (`stages/convgrad.py`; over half the time). One LoRS
-iteration, EfficientNet-Lite0 at 128 px, 99 pairs, 8 steps of 20, 2 CPU threads: 15.0 s -> 6.5 s.
+iteration, EfficientNet-Lite0 at 128 px, 99 pairs, 8 steps of 20, 2 CPU threads: 14.6 s -> 6.4 s
+(benchmarks/bench_lors.py).
 """
 
 from __future__ import annotations
@@ -84,17 +85,17 @@ class TrainableFold:
     """Runs a backbone whose BatchNorm parameters train with its BatchNorms folded into the convolutions
     (stages/bnfold.py): `fold_parameters` makes the folded copy's parameters from the backbone's, differentiably, so
     the function and its derivatives are the backbone's (BatchNorm's double backward was a fifth of a LoRS iteration,
-    its backward a third of an encoder's). Built and checked against the backbone on first use (again on another
-    device); the backbone itself runs where nothing folds or the check fails."""
+    its backward a third of an encoder's). Built and checked against the backbone on first use (again for another
+    device or dtype); the backbone itself runs where nothing folds or the check fails."""
 
     def __init__(self, backbone: nn.Module, enabled: bool = True) -> None:
         self.backbone = backbone
         self.enabled = enabled
         self.folded: tuple[nn.Module, list[tuple[str, str]]] | None = None
-        self.device: torch.device | None = None  # where `folded` was built and checked
+        self.built_for: tuple[torch.device, torch.dtype] | None = None  # where `folded` was built and checked
 
     def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        if self.enabled and self.device != x.device:
+        if self.enabled and self.built_for != (x.device, x.dtype):
             self._build(x)
         if self.folded is None:
             return functional_call(self.backbone, params, (x,))
@@ -110,11 +111,12 @@ class TrainableFold:
         ok = bool(pairs) and same_function(
             self.backbone, lambda px: functional_call(folded, fold_parameters(params, pairs, self.backbone), (px,)),
             x.shape[-1])
-        self.folded, self.device = ((folded, pairs) if ok else None), x.device
+        self.folded, self.built_for = ((folded, pairs) if ok else None), (x.device, x.dtype)
 
 
 class FineTunedEncoder(nn.Module):
-    """A trainable copy of a frozen backbone that stays in eval mode (BatchNorm statistics fixed)."""
+    """A trainable copy of a frozen backbone that stays in eval mode (BatchNorm statistics fixed), run with its
+    BatchNorms folded (`TrainableFold`)."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

@@ -98,7 +98,7 @@ def test_an_encoder_whose_fold_changes_its_function_runs_unfolded():
     spec = EncoderSpec(model)
     x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
     torch.testing.assert_close(spec.apply_flat(spec.flatten(model), x), model(x), rtol=0, atol=0)
-    assert spec.fold.device == x.device and spec.fold.folded is None
+    assert spec.fold.built_for == (x.device, x.dtype) and spec.fold.folded is None
 
 
 def test_fine_tuned_encoder_trains_through_the_fold_as_through_its_batchnorms():
