@@ -194,15 +194,21 @@ def _fmt_mem(value: float | None, device: torch.device) -> str:
     return f"{value:.2f} GiB" if device.type == "cuda" else f"{value:.1f} MiB"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark and print its table; returns the figures (for tests and notes)."""
-    args = parse_args(argv)
+def device_and_encoder(args: argparse.Namespace) -> tuple[torch.device, torch.nn.Module]:
+    """--threads applied, --device resolved (auto: cuda where there is one) and the image encoder built there, its
+    random weights (if any) drawn from --seed. Shared with bench_lors."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)  # random encoder weights
-    encoder = build_image_encoder(args.encoder, weights=args.weights, image_size=args.image_size).to(device)
+    return device, build_image_encoder(args.encoder, weights=args.weights, image_size=args.image_size).to(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and print its table; returns the figures (for tests and notes)."""
+    args = parse_args(argv)
+    device, encoder = device_and_encoder(args)
     calls = [0]
     encoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     specs = (HeadSpec(encoder.feature_dim, args.embed_dim, 0.1), HeadSpec(args.text_dim, args.embed_dim, 0.1))

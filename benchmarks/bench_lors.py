@@ -10,9 +10,9 @@ Three forms of `EncoderSpec.apply_flat` on the same random problem (same draws, 
   convolution runs one convolution per group for two of its terms;
 - loop-free: grouped convolutions through stages/convgrad.py (whole convolutions in the double backward);
 - loop-free + folded: also the BatchNorms folded into the convolutions (stages/bnfold.py, `fold_parameters`).
-Prints the median seconds per `Distiller.step` (float32), the speed-up over plain, and how far each form's gradients
-of the synthetic set are from the plain form's in float64 on one sample (the plain row: float32's own error). The
-experts are trained first, on random data. No pass/fail: figures for the issue.
+Prints the median seconds per `Distiller.step` (float32), the speed-up over plain, peak memory, and how far each
+form's gradients of the synthetic set are from the plain form's in float64 on one sample (the plain row: float32's
+own error). The experts are trained first, on random data. No pass/fail: figures for the issue.
 
 EfficientNet's ReLU6 has kinks at 0 and 6: a pre-activation within rounding of one lands on either side in another
 arithmetic, which moves a gradient by a unit's whole contribution. Every form, plain included, is then 1e-3 to 1e-1
@@ -25,15 +25,17 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_distill import PeakMemory, _fmt_mem, device_and_encoder, measure  # noqa: E402 - a sibling script
 
 from repblend.stages.buffer import ExpertSettings, Trajectory, train_expert
 from repblend.stages.distill import DistillSettings, SyntheticSet
 from repblend.stages.distiller import Distiller, OuterSettings
-from repblend.stages.encoders import build_image_encoder
 from repblend.stages.heads import HeadSpec
 from repblend.stages.lors import EncoderSpec
 
@@ -125,12 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and print its table; returns the figures (for tests and notes)."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    torch.manual_seed(args.seed)  # random encoder weights
-    encoder = build_image_encoder(args.encoder, weights=args.weights, image_size=args.image_size).to(device)
+    device, encoder = device_and_encoder(args)
     if args.smooth:
         smooth(encoder.backbone)
     text_spec = HeadSpec(args.text_dim, encoder.feature_dim, 0.1)
@@ -141,28 +138,22 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.iterations} timed iterations after {args.warmup} warm-up (median)")
     experts = trajectories(args, encoder.backbone, encoder.feature_dim, device)
     truth = gradients(build(args, encoder.backbone, text_spec, experts, "plain", device, torch.float64))
-    print(f"{'form':20} {'s/iter':>9} {'speed-up':>9}  first sample's gradients against float64 (plain): "
-          "max relative difference, then each")
+    peak = PeakMemory(device)
+    mem_unit = "peak GiB" if device.type == "cuda" else "RSS growth"
+    print(f"{'form':20} {'s/iter':>9} {'speed-up':>9} {mem_unit:>11}  first sample's gradients against float64 "
+          "(plain): max relative difference, then each")
     figures: dict = {"rows": []}
     for form in ["plain", *(f for f in args.forms if f != "plain")]:
         grads = gradients(build(args, encoder.backbone, text_spec, experts, form, device))
         diffs = {n: float((grads[n] - truth[n]).norm() / truth[n].norm().clamp_min(1e-30)) for n in grads}
         worst = max(diffs, key=diffs.get)
         d = build(args, encoder.backbone, text_spec, experts, form, device)
-        for _ in range(args.warmup):
-            d.step()
-        times = []
-        for _ in range(args.iterations):
-            t0 = time.perf_counter()
-            d.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
+        seconds, memory = measure(d.step, args.iterations, args.warmup, device, peak)
         plain_s = figures["rows"][0]["seconds"] if figures["rows"] else seconds
-        print(f"{form:20} {seconds:9.3f} {plain_s / seconds:8.2f}x  {diffs[worst]:.1e} ({worst}); "
-              + ", ".join(f"{n} {v:.1e}" for n, v in diffs.items()), flush=True)
-        figures["rows"].append({"form": form, "seconds": seconds, "speedup": plain_s / seconds, "grad_diff": diffs})
+        print(f"{form:20} {seconds:9.3f} {plain_s / seconds:8.2f}x {_fmt_mem(memory, device):>11}  "
+              f"{diffs[worst]:.1e} ({worst}); " + ", ".join(f"{n} {v:.1e}" for n, v in diffs.items()), flush=True)
+        figures["rows"].append({"form": form, "seconds": seconds, "speedup": plain_s / seconds, "memory": memory,
+                                "grad_diff": diffs})
         del d
         gc.collect()
     return figures
