@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -57,25 +58,44 @@ def fold_batchnorm(backbone: nn.Module) -> tuple[nn.Module, list[tuple[str, str]
     return folded, pairs
 
 
-def fold_parameters(params: dict[str, torch.Tensor], pairs: list[tuple[str, str]],
-                    backbone: nn.Module) -> dict[str, torch.Tensor]:
+class FoldedPair(NamedTuple):
+    """A (conv, norm) pair folded, with the norm's fixed statistics as the fold reads them: -running_mean and
+    1 / sqrt(running_var + eps), computed once (`fold_statistics`) rather than in every student step."""
+
+    conv: str
+    norm: str
+    neg_mean: torch.Tensor
+    inv_std: torch.Tensor
+
+
+def fold_statistics(backbone: nn.Module, pairs: list[tuple[str, str]], device: torch.device,
+                    dtype: torch.dtype) -> list[FoldedPair]:
+    """`fold_parameters`' constants for `pairs` of `backbone`, on `device` in `dtype`: never inference tensors (a
+    first call may come under inference_mode, later ones train through them)."""
+    folds = []
+    with torch.inference_mode(False), torch.no_grad():
+        for conv, norm in pairs:
+            bn = backbone.get_submodule(norm)
+            mean, var = (s.to(device=device, dtype=dtype) for s in (bn.running_mean, bn.running_var))
+            folds.append(FoldedPair(conv, norm, -mean, (var + bn.eps).rsqrt()))
+    return folds
+
+
+def fold_parameters(params: dict[str, torch.Tensor], folds: list[FoldedPair]) -> dict[str, torch.Tensor]:
     """The folded copy's parameters from the original's, differentiably in all of them (a student that trains the
     BatchNorm affine maps too): per output channel, scale = gamma / sqrt(running_var + eps), weight * scale and
-    bias beta + (b - running_mean) * scale, with `backbone`'s fixed running statistics.
+    bias beta + (b - running_mean) * scale, with the fixed running statistics of `folds`.
 
     In float64 the folded function and its first and second derivatives are the unfolded ones to 1e-9
     (tests/test_lors.py); in float32 they differ by rounding, enough to put a ReLU6 pre-activation that sits
     within rounding of 0 or 6 on the other side of the kink (benchmarks/bench_lors.py, `--smooth`)."""
     out = dict(params)
-    for conv, norm in pairs:
-        bn = backbone.get_submodule(norm)
+    for conv, norm, neg_mean, inv_std in folds:
         weight = out.pop(f"{conv}.weight")
         bias = out.pop(f"{conv}.bias", None)
         gamma, beta = out.pop(f"{norm}.weight", None), out.pop(f"{norm}.bias", None)
-        mean = bn.running_mean.to(weight.dtype)
-        scale = (bn.running_var.to(weight.dtype) + bn.eps).rsqrt()
-        scale = scale if gamma is None else gamma * scale
-        shift = -mean if bias is None else bias - mean
+        scale = inv_std if gamma is None else gamma * inv_std
+        shift = neg_mean if bias is None else bias + neg_mean
         out[f"{conv}.weight"] = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
         out[f"{conv}.bias"] = shift * scale if beta is None else beta + shift * scale
     return out

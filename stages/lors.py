@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from repblend.stages.bnfold import fold_batchnorm, fold_parameters, same_function
+from repblend.stages.bnfold import FoldedPair, fold_batchnorm, fold_parameters, fold_statistics, same_function
 from repblend.stages.convgrad import grouped_double_backward
 from repblend.stages.heads import HeadSpec, ProjectionHead
 
@@ -86,32 +86,38 @@ class TrainableFold:
     (stages/bnfold.py): `fold_parameters` makes the folded copy's parameters from the backbone's, differentiably, so
     the function and its derivatives are the backbone's (BatchNorm's double backward was a fifth of a LoRS iteration,
     its backward a third of an encoder's). Built and checked against the backbone on first use (again for another
-    device or dtype); the backbone itself runs where nothing folds or the check fails."""
+    device or dtype, or once its statistics changed); the backbone itself runs where nothing folds or the check
+    fails."""
 
     def __init__(self, backbone: nn.Module, enabled: bool = True) -> None:
         self.backbone = backbone
         self.enabled = enabled
-        self.folded: tuple[nn.Module, list[tuple[str, str]]] | None = None
-        self.built_for: tuple[torch.device, torch.dtype] | None = None  # where `folded` was built and checked
+        self.folded: tuple[nn.Module, list[FoldedPair]] | None = None
+        self.built_for: tuple | None = None  # what `folded` was built and checked for (`_key`)
 
     def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        if self.enabled and self.built_for != (x.device, x.dtype):
+        if self.enabled and self.built_for != self._key(x):
             self._build(x)
         if self.folded is None:
             return functional_call(self.backbone, params, (x,))
-        module, pairs = self.folded
+        module, folds = self.folded
         if x.device.type == "cpu":
             # oneDNN: NHWC is the fast path (7.7 -> 6.4 s per LoRS iteration on 2 threads)
             x = x.contiguous(memory_format=torch.channels_last)
-        return functional_call(module, fold_parameters(params, pairs, self.backbone), (x,))
+        return functional_call(module, fold_parameters(params, folds), (x,))
 
     def _build(self, x: Tensor) -> None:
         folded, pairs = fold_batchnorm(self.backbone)
+        folds = fold_statistics(self.backbone, pairs, x.device, x.dtype)
         params = dict(self.backbone.named_parameters())
         ok = bool(pairs) and same_function(
-            self.backbone, lambda px: functional_call(folded, fold_parameters(params, pairs, self.backbone), (px,)),
-            x.shape[-1])
-        self.folded, self.built_for = ((folded, pairs) if ok else None), (x.device, x.dtype)
+            self.backbone, lambda px: functional_call(folded, fold_parameters(params, folds), (px,)), x.shape[-1])
+        self.folded, self.built_for = ((folded, folds) if ok else None), self._key(x)
+
+    def _key(self, x: Tensor) -> tuple:
+        """The input's device and dtype, and the backbone's buffers as they are now: the fold's statistics are
+        computed once, so statistics changed in place (a loaded state dict) or replaced make it rebuild."""
+        return x.device, x.dtype, *((id(b), b._version) for b in self.backbone.buffers())
 
 
 class FineTunedEncoder(nn.Module):
