@@ -23,6 +23,7 @@ from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
 
 if TYPE_CHECKING:
     from repblend.pipeline.config import DistillConfig
+    from repblend.stages.buffer import ExpertSettings
     from repblend.stages.distill import DistillSettings
     from repblend.stages.distiller import Distiller
 
@@ -170,7 +171,7 @@ def load_features(caches: dict[str, FeatureCache], split: str, device: torch.dev
     return _LOADED[key]
 
 
-def expert_settings(config: Config) -> "ExpertSettings":
+def expert_settings(config: Config) -> ExpertSettings:
     from repblend.stages.buffer import ExpertSettings
 
     needed = config.distill.max_start_epoch + config.distill.expert_epochs
