@@ -116,8 +116,9 @@ class TrainableFold:
 
     def _key(self, x: Tensor) -> tuple:
         """The input's device and dtype, and the backbone's buffers as they are now: the fold's statistics are
-        computed once, so statistics changed in place (a loaded state dict) or replaced make it rebuild."""
-        return x.device, x.dtype, *((id(b), b._version) for b in self.backbone.buffers())
+        computed once, so statistics changed in place (a loaded state dict) or replaced make it rebuild (inference
+        tensors keep no version: only their replacement shows)."""
+        return x.device, x.dtype, *((id(b), 0 if b.is_inference() else b._version) for b in self.backbone.buffers())
 
 
 class FineTunedEncoder(nn.Module):

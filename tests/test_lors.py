@@ -144,6 +144,15 @@ def test_a_fold_first_built_under_inference_mode_still_trains():
     assert all(p.grad is not None for p in tuned.parameters())
 
 
+def test_an_encoder_made_under_inference_mode_runs_folded():
+    """Inference tensors keep no version counter: the fold's rebuild check must not ask them for one."""
+    with torch.inference_mode():
+        tuned = FineTunedEncoder(_encoder())
+        x = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64)
+        torch.testing.assert_close(tuned(x), tuned.backbone(x), rtol=1e-12, atol=1e-14)
+    assert tuned.fold.folded is not None
+
+
 def test_fine_tuned_encoder_keeps_batchnorm_statistics():
     encoder = _encoder(torch.float32)
     model = LorsModel(encoder, D_TXT, 6, dropout=0.0).train()
