@@ -205,6 +205,15 @@ class DistillConfig:
     momentum: float = 0.5
     optimizer: str = "sgd"  # sgd (reference: momentum 0.5) | adam (scale-free, suits distill.space=feature)
     lr_floor: float = 0.001  # clamp learned student lrs here (the MTT code's clamp_lr); 0 = none, stop if <= 0
+    # spike guard (stages/distiller.RewindSettings; the references have none): an iteration where a side's matching
+    # loss exceeds rewind_loss (1.0: the student ended farther from its expert than it started) skips its update;
+    # rewind_patience in a row put the set back to its last healthy point (kept after every rewind_every spike-free
+    # iterations) with the learned and the outer lrs scaled by rewind_backoff; more than rewind_max rewinds stop
+    rewind_loss: float = 0.0  # 0 = no guard
+    rewind_patience: int = 3
+    rewind_every: int = 10
+    rewind_backoff: float = 0.5
+    rewind_max: int = 4
     sim_type: str = "lowrank"  # lowrank | full
     sim_rank: int = 10
     sim_alpha: float = 3.0
@@ -239,11 +248,16 @@ class DistillConfig:
                 ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         _choice("distill.compile_scope", self.compile_scope, ("step", "unroll"))
         _positive("distill.lr_floor", self.lr_floor, allow_zero=True)
+        _positive("distill.rewind_loss", self.rewind_loss, allow_zero=True)
+        _positive("distill.rewind_max", self.rewind_max, allow_zero=True)
+        if not 0 < self.rewind_backoff <= 1:
+            raise ConfigError(f"distill.rewind_backoff={self.rewind_backoff} must be in (0, 1]: each rewind scales "
+                              "the lrs by it")
         if self.clamp_features and self.space != "feature":
             raise ConfigError("distill.clamp_features=true keeps synthetic image features in the encoder's range; "
                               "it needs distill.space=feature (pixel sets are in range by construction)")
         for key in ("num_queries", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
-                    "mini_batch_size", "sim_rank", "ckpt_every"):
+                    "mini_batch_size", "sim_rank", "ckpt_every", "rewind_patience", "rewind_every"):
             _positive(f"distill.{key}", getattr(self, key))
         for key in ("lr_img", "lr_txt", "lr_lr", "lr_sim", "lr_teacher", "eval_every", "encode_chunk"):
             _positive(f"distill.{key}", getattr(self, key), allow_zero=True)

@@ -169,6 +169,12 @@ def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
         lines += [f"{last['iteration']} iterations; last matching loss {last['loss']:.4f} (image {last['loss_img']:.4f},"
                   f" text {last['loss_txt']:.4f}); learned lrs {last['syn_lr_img']:.4f} / {last['syn_lr_txt']:.4f}.",
                   ""]
+        guarded = [r for r in rows if r.get("guard")]
+        if guarded:
+            rewound = [f"{r['iteration']} ({r['guard']})" for r in guarded if r["guard"] != "skipped"]
+            lines += [f"Spike guard (distill.rewind_loss): {len(guarded) - len(rewound)} updates skipped, "
+                      f"{len(rewound)} rewinds" + (f" at iterations {', '.join(rewound)}" if rewound else "") + ".",
+                      ""]
     refined = _metrics(run_dir, "refine")
     if refined:
         first, last = refined[0], refined[-1]

@@ -412,7 +412,7 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
     """The synthetic set initialised from real pairs, the experts in memory, the outer optimiser."""
     from repblend.stages.buffer import head_specs, load_trajectory
     from repblend.stages.distill import DistillSettings, SyntheticSet
-    from repblend.stages.distiller import Distiller, OuterSettings
+    from repblend.stages.distiller import Distiller, OuterSettings, RewindSettings
     from repblend.stages.lors import lors_specs
 
     dc = config.distill
@@ -457,10 +457,12 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
     outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum,
                           optimizer=dc.optimizer, lr_floor=dc.lr_floor,
                           image_range=encoder_range(train) if dc.clamp_features else None)
+    rewind = RewindSettings(loss=dc.rewind_loss, patience=dc.rewind_patience, every=dc.rewind_every,
+                            backoff=dc.rewind_backoff, max_rewinds=dc.rewind_max)
     distiller = Distiller(syn, trajectories, specs, settings, outer, seed=config.run.seed,
                           image_encoder=encoder if dc.mode == "repblend" else None,  # LoRS: pixels go to the student
                           device=device, rank=rank, mean_across_workers=mean_across_workers,
-                          compile=compile_mode(dc, specs, settings), compile_scope=dc.compile_scope)
+                          compile=compile_mode(dc, specs, settings), compile_scope=dc.compile_scope, rewind=rewind)
     return DistillJob(distiller, encoder, image_idx, caption_idx)
 
 
@@ -525,6 +527,9 @@ def step_logger(config: Config, caches: dict[str, FeatureCache], job: DistillJob
 
     def on_step(step) -> None:
         record = dict(step.__dict__)
+        if step.guard:
+            log.warning("distill it %d: matching loss spike (image %.4f, text %.4f > distill.rewind_loss): %s",
+                        step.iteration, step.loss_img, step.loss_txt, step.guard)
         if probe is not None and step.iteration % dc.eval_every == 0:
             record["eval"] = {"split": probe_split, **probe(job.distiller.syn)}
             log.info("distill it %d: %s img_r10 %.2f txt_r10 %.2f r_mean %.2f (1 seed)", step.iteration,

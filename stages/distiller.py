@@ -6,6 +6,7 @@ checkpoint, so a run killed at any point and restarted gives the same set as an 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -44,6 +45,24 @@ class OuterSettings:
 
 
 @dataclass(frozen=True)
+class RewindSettings:
+    """A guard against the spikes that end MTT-style runs: a learned lr grows, one student overshoots its expert,
+    and the spike's own gradient drives both lrs to the floor, where the student stops moving for good (measured:
+    LoRS-mode runs at 300 iterations). A spike's update is skipped; `patience` spikes in a row put the set back
+    to its last healthy point with its learned student lrs and every outer lr scaled by `backoff`."""
+
+    loss: float = 0.0  # a side's normalised matching loss above this (or non-finite) is a spike; 0 = no guard
+    patience: int = 3  # consecutive spikes that rewind the set
+    every: int = 10  # a healthy point is kept after each `every` iterations in a row without a spike
+    backoff: float = 0.5  # each rewind multiplies the outer lrs (lr_img, lr_txt, lr_lr, lr_sim) by this
+    max_rewinds: int = 4  # one more rewind than this stops the run (DivergenceError)
+
+    @property
+    def enabled(self) -> bool:
+        return self.loss > 0
+
+
+@dataclass(frozen=True)
 class Sample:
     expert: int
     start_epoch: int
@@ -61,6 +80,7 @@ class StepLog:
     seconds: float
     expert: int
     start_epoch: int
+    guard: str = ""  # the spike guard's action this iteration: "", "skipped" or "rewound to <iteration>"
 
 
 @dataclass
@@ -81,6 +101,7 @@ class Distiller:
     # (compile_scope); None = the eager loop
     compile: str | None = None
     compile_scope: str = "step"
+    rewind: RewindSettings = field(default_factory=RewindSettings)
 
     def __post_init__(self) -> None:
         self.syn.to(self.device)
@@ -98,6 +119,13 @@ class Distiller:
             self.optimizer = torch.optim.Adam(groups, lr=self.outer.lr_img)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=self.outer.lr_img, momentum=self.outer.momentum)
+        self._base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        # the spike guard's state (all of it checkpointed, so a resumed run rewinds as an uninterrupted one would)
+        self.spikes = 0  # consecutive spikes up to now
+        self.clean = 0  # iterations since the last spike
+        self.rewinds = 0
+        self.lr_scale = 1.0
+        self._point = self._healthy_point() if self.rewind.enabled else None
         # trajectories stay resident on the device: they are small, and reloading them is what the references do
         self._traj = [
             Trajectory({e: t.to(self.device) for e, t in tr.image.items()},
@@ -186,6 +214,25 @@ class Distiller:
             self.mean_across_workers([*grads, stats])
             for p, g in zip(self.syn.parameters(), grads):
                 p.grad = g
+        # every rank sees the same averaged losses, so every rank takes the same action
+        action = self._guard(stats) if self.rewind.enabled else ""
+        if not action:
+            self._update()
+        self.iteration += 1
+        if self.rewind.enabled and not action:
+            self.clean += 1
+            if self.clean % self.rewind.every == 0:
+                self._point = self._healthy_point()
+        # the iteration's only host synchronisation (the guard adds one): every logged number in one transfer
+        loss, loss_img, loss_txt, lr_img, lr_txt = torch.cat(
+            [stats, self.syn.syn_lr_img.detach().reshape(1), self.syn.syn_lr_txt.detach().reshape(1)]).tolist()
+        log = StepLog(self.iteration, loss, loss_img, loss_txt, lr_img, lr_txt, time.perf_counter() - start_time,
+                      sample.expert, sample.start_epoch, action)
+        if not action:
+            self._check(log)  # before any checkpoint of this state is written
+        return log
+
+    def _update(self) -> None:
         self.optimizer.step()
         if self.outer.lr_floor > 0:
             with torch.no_grad():
@@ -194,14 +241,48 @@ class Distiller:
         if self.outer.image_range is not None:
             with torch.no_grad():
                 self.syn.images.clamp_(*self.outer.image_range)
-        self.iteration += 1
-        # the iteration's only host synchronisation: every logged number in one transfer
-        loss, loss_img, loss_txt, lr_img, lr_txt = torch.cat(
-            [stats, self.syn.syn_lr_img.detach().reshape(1), self.syn.syn_lr_txt.detach().reshape(1)]).tolist()
-        log = StepLog(self.iteration, loss, loss_img, loss_txt, lr_img, lr_txt, time.perf_counter() - start_time,
-                      sample.expert, sample.start_epoch)
-        self._check(log)  # before any checkpoint of this state is written
-        return log
+
+    # the spike guard ----------------------------------------------------------------------------------------
+
+    def _guard(self, stats: torch.Tensor) -> str:
+        """Skip a spike's update; rewind after `patience` in a row. Costs one host sync an iteration."""
+        worst = float(stats[1:].max())  # NaN compares false, so a non-finite loss is a spike too
+        if worst <= self.rewind.loss:
+            self.spikes = 0
+            return ""
+        self.spikes += 1
+        self.clean = 0
+        if self.spikes < self.rewind.patience:
+            return "skipped"
+        if self.rewinds >= self.rewind.max_rewinds:
+            raise DivergenceError(
+                f"distillation diverged at iteration {self.iteration + 1}: {self.spikes} matching-loss spikes in a "
+                f"row (a side's loss {worst:.4g} > distill.rewind_loss={self.rewind.loss}) after "
+                f"{self.rewinds} rewinds (distill.rewind_max); the last good checkpoint is kept (try lower "
+                "distill.lr_*)")
+        self.rewinds += 1
+        self.spikes = 0
+        self.lr_scale *= self.rewind.backoff
+        self._point["rewinds"] += 1
+        self._restore(self._point)
+        return f"rewound to {self._point['iteration']}"
+
+    def _healthy_point(self) -> dict:
+        return {"iteration": self.iteration, "rewinds": 0,
+                "syn": {name: t.detach().clone() for name, t in self.syn.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def _restore(self, point: dict) -> None:
+        """The point's set and momentum, with its learned student lrs scaled once per rewind to it (an overshooting
+        student is what a spike is) and every outer lr scaled by all the run's rewinds."""
+        with torch.no_grad():
+            for name, tensor in self.syn.state_dict().items():
+                tensor.copy_(point["syn"][name])
+            for lr in (self.syn.syn_lr_img, self.syn.syn_lr_txt):
+                lr.mul_(self.rewind.backoff ** point["rewinds"]).clamp_(min=self.outer.lr_floor)
+        self.optimizer.load_state_dict(copy.deepcopy(point["optimizer"]))
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+            group["lr"] = base * self.lr_scale
 
     def _check(self, log: StepLog) -> None:
         if not math.isfinite(log.loss):
@@ -216,12 +297,16 @@ class Distiller:
     # checkpoints -----------------------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {
+        state = {
             "iteration": self.iteration,
             "syn": self.syn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.bit_generator.state,
         }
+        if self.rewind.enabled:
+            state["guard"] = {"spikes": self.spikes, "clean": self.clean, "rewinds": self.rewinds,
+                              "lr_scale": self.lr_scale, "point": self._point}
+        return state
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -233,6 +318,12 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self.iteration = state["iteration"]
+        if self.rewind.enabled and "guard" in state:
+            guard = state["guard"]
+            self.spikes, self.clean, self.rewinds = guard["spikes"], guard["clean"], guard["rewinds"]
+            self.lr_scale, self._point = guard["lr_scale"], guard["point"]
+        elif self.rewind.enabled:  # a checkpoint from a run without the guard: its state is the healthy point
+            self._point = self._healthy_point()
 
     def resume(self, checkpoint: Path) -> bool:
         """Continue from `checkpoint` if it exists (a killed run restarts exactly where it saved)."""

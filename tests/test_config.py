@@ -69,6 +69,9 @@ def test_override_beats_file(tmp_path):
         (["model.dropout=1.5"], "model.dropout=1.5"),
         (["distill.compile_mode=fast"], "distill.compile_mode='fast'"),
         (["distill.compile_scope=all"], "distill.compile_scope='all'"),
+        (["distill.rewind_backoff=0"], "distill.rewind_backoff=0.0 must be in (0, 1]"),
+        (["distill.rewind_loss=-1"], "distill.rewind_loss=-1.0 must be >= 0"),
+        (["distill.rewind_patience=0"], "distill.rewind_patience=0 must be > 0"),
         (["justakey"], "'justakey' is not of the form key=value"),
     ],
 )

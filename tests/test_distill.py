@@ -10,7 +10,7 @@ import torch
 from repblend.stages.buffer import ExpertSettings, Trajectory, train_expert
 from repblend.stages.distill import (DistillSettings, StudentBatch, SyntheticSet, match_tesla, match_unrolled,
                                      represent, sample_batches, student_loss)
-from repblend.stages.distiller import DivergenceError, Distiller, OuterSettings
+from repblend.stages.distiller import DivergenceError, Distiller, OuterSettings, RewindSettings
 from repblend.stages.heads import HeadSpec
 
 D_IMG, D_TXT, EMBED, N = 6, 5, 4, 7
@@ -268,3 +268,101 @@ def test_missing_snapshots_are_refused():
 def test_student_batch_is_a_plain_record():
     batch = StudentBatch(torch.tensor([0, 1]), None, None)
     assert batch.lam is None
+
+
+# the spike guard (distill.rewind_*) ---------------------------------------------------------------------------
+
+def _guarded(spikes: set[int], seed=0, **rewind) -> Distiller:
+    """A tiny distiller whose image-side loss reads 500 (a spike) at the 1-based iterations in `spikes`; the
+    gradients stay the real ones, so only the guard's decisions differ from an unguarded run. (This noisy problem's
+    own losses run to 7, so the threshold sits at 100.)"""
+    distiller = _tiny_distiller(seed=seed)
+    distiller = dataclasses.replace(distiller, rewind=RewindSettings(**{"loss": 100.0, "patience": 2, "every": 3,
+                                                                         **rewind}))
+    real = distiller.gradients
+
+    def gradients(sample):
+        result = real(sample)
+        if distiller.iteration + 1 in spikes:
+            return dataclasses.replace(result, loss_img=torch.tensor(500.0), loss=result.loss + 500.0)
+        return result
+
+    distiller.gradients = gradients
+    return distiller
+
+
+def _state(distiller: Distiller) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in distiller.syn.state_dict().items()}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_guard_that_sees_no_spike_leaves_the_run_as_it_was():
+    plain, guarded = _tiny_distiller(), _guarded(set())
+    plain.run(8)
+    guarded.run(8)
+    _assert_same(_state(guarded), _state(plain))
+    assert guarded.rewinds == 0 and guarded._point["iteration"] == 6  # healthy points at 3 and 6
+
+
+def test_a_spike_skips_its_update_and_spikes_in_a_row_rewind_to_the_last_healthy_point():
+    distiller = _guarded({5, 7, 8})
+    logs = []
+    distiller.run(4, on_step=logs.append)
+    _, momentum_lrs = _state(distiller), [g["lr"] for g in distiller.optimizer.param_groups]
+    point = _state(distiller)  # not the healthy point: that is iteration 3's
+    distiller.run(5, on_step=logs.append)  # iteration 5 spikes alone: nothing moves
+    assert logs[-1].guard == "skipped"
+    _assert_same(_state(distiller), point)
+    distiller.run(6, on_step=logs.append)  # a clean update
+    assert logs[-1].guard == "" and not torch.equal(_state(distiller)["texts"], point["texts"])
+    distiller.run(8, on_step=logs.append)  # 7 skipped, 8 the second in a row: back to iteration 3's set
+    assert [log.guard for log in logs[-2:]] == ["skipped", "rewound to 3"]
+    assert distiller.iteration == 8 and distiller.rewinds == 1 and distiller.lr_scale == 0.5
+    at_three = distiller._point["syn"]
+    for name, tensor in _state(distiller).items():
+        expected = at_three[name] * 0.5 if name.startswith("syn_lr") else at_three[name]
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=name)
+    assert [g["lr"] for g in distiller.optimizer.param_groups] == [lr * 0.5 for lr in momentum_lrs]
+
+
+def test_a_non_finite_loss_is_a_spike_under_the_guard():
+    distiller = _guarded(set())
+    real = distiller.gradients
+    distiller.gradients = lambda sample: dataclasses.replace(real(sample), loss_txt=torch.tensor(float("nan")))
+    logs = []
+    distiller.run(2, on_step=logs.append)
+    assert [log.guard for log in logs] == ["skipped", "rewound to 0"]
+    assert all(torch.isfinite(t).all() for t in _state(distiller).values())
+
+
+def test_more_rewinds_than_allowed_stop_with_a_message_naming_the_limit():
+    distiller = _guarded(set(range(1, 100)), max_rewinds=2)
+    logs = []
+    with pytest.raises(DivergenceError, match=r"after 2 rewinds \(distill.rewind_max\)"):
+        distiller.run(20, on_step=logs.append)
+    assert [log.guard for log in logs] == ["skipped", "rewound to 0"] * 2 + ["skipped"]
+    # each rewind to the same point scales its learned lrs once more: 0.1 * 0.5 ** 2
+    assert float(distiller.syn.syn_lr_img.detach()) == pytest.approx(0.1 * 0.25)
+
+
+def test_a_resumed_guarded_run_rewinds_as_an_uninterrupted_one(tmp_path):
+    spikes = {4, 5, 11, 12}  # rewinds at 5 (to 3) and at 12 (to 8, the point kept after 6, 7, 8 ran clean)
+    straight = _guarded(spikes)
+    logs = []
+    straight.run(16, on_step=logs.append)
+    assert [(log.iteration, log.guard) for log in logs if log.guard] == [
+        (4, "skipped"), (5, "rewound to 3"), (11, "skipped"), (12, "rewound to 8")]
+    ckpt = tmp_path / "ckpt.pt"
+    first = _guarded(spikes)
+    first.run(11, checkpoint=ckpt, ckpt_every=11)  # killed with one rewind done and one spike pending
+    assert first.spikes == 1 and first.rewinds == 1
+    resumed = _guarded(spikes)
+    assert resumed.resume(ckpt) and resumed.iteration == 11
+    resumed.run(16)
+    _assert_same(_state(resumed), _state(straight))
+    assert resumed.lr_scale == straight.lr_scale == 0.25

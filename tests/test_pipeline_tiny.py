@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import load_config
 from repblend.stages.diagnostics import DIAGNOSTICS
+from repblend.stages.distiller import DivergenceError
 from repblend.stages.errors import ConfigError
 from repblend.stages.toydata import make_toy_dataset
 from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
@@ -86,6 +87,22 @@ def test_budget_larger_than_the_dataset_is_refused(toy, tmp_path):
     caches = steps.encode(config)
     with pytest.raises(ConfigError, match=r"distill.num_queries=25 exceeds the 24 training images of split 'train'"):
         steps.check_budget(config, caches)
+
+
+def test_the_spike_guard_runs_from_the_config_and_is_logged(toy, tmp_path, caplog):
+    """distill.rewind_* reach the distiller: with a threshold every loss exceeds, the first iteration rewinds and
+    the second, over distill.rewind_max, stops the run with the option named."""
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *STABLE_LRS, *TINY,
+                                "distill.space=feature", "distill.rewind_loss=1e-9", "distill.rewind_patience=1",
+                                "distill.rewind_max=1"])
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    with caplog.at_level(logging.WARNING, logger="repblend"), \
+            pytest.raises(DivergenceError, match=r"after 1 rewinds \(distill.rewind_max\)"):
+        steps.distill(config, tmp_path, caches)
+    rows = [json.loads(line) for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["iteration"], row["guard"]) for row in rows] == [(1, "rewound to 0")]
+    assert "distill it 1: matching loss spike" in caplog.text
 
 
 def test_buffer_retrains_experts_that_lack_needed_snapshots(toy, tmp_path):

@@ -46,3 +46,17 @@ def test_report_renders_tables_and_plots(tmp_path, space, capsys):
 def test_report_of_a_missing_run_names_it(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no run directory here" in capsys.readouterr().err
+
+
+def test_report_counts_the_spike_guards_actions(tmp_path):
+    import json
+
+    from repblend.pipeline.report import write_report
+
+    guards = ["", "skipped", "skipped", "rewound to 0", "", "skipped"]
+    rows = [{"iteration": i + 1, "loss": 1.0, "loss_img": 0.5, "loss_txt": 0.5, "syn_lr_img": 0.1, "syn_lr_txt": 0.1,
+             "seconds": 0.1, "expert": 0, "start_epoch": 0, "guard": g} for i, g in enumerate(guards)]
+    (tmp_path / "distill").mkdir()
+    (tmp_path / "distill" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(tmp_path).read_text()
+    assert "Spike guard (distill.rewind_loss): 3 updates skipped, 1 rewinds at iterations 4 (rewound to 0)." in report
