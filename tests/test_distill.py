@@ -313,13 +313,13 @@ def test_a_spike_skips_its_update_and_spikes_in_a_row_rewind_to_the_last_healthy
     distiller = _guarded({5, 7, 8})
     logs = []
     distiller.run(4, on_step=logs.append)
-    _, momentum_lrs = _state(distiller), [g["lr"] for g in distiller.optimizer.param_groups]
-    point = _state(distiller)  # not the healthy point: that is iteration 3's
+    outer_lrs = [g["lr"] for g in distiller.optimizer.param_groups]
+    before = _state(distiller)  # iteration 4's set (the healthy point is iteration 3's)
     distiller.run(5, on_step=logs.append)  # iteration 5 spikes alone: nothing moves
     assert logs[-1].guard == "skipped"
-    _assert_same(_state(distiller), point)
+    _assert_same(_state(distiller), before)
     distiller.run(6, on_step=logs.append)  # a clean update
-    assert logs[-1].guard == "" and not torch.equal(_state(distiller)["texts"], point["texts"])
+    assert logs[-1].guard == "" and not torch.equal(_state(distiller)["texts"], before["texts"])
     distiller.run(8, on_step=logs.append)  # 7 skipped, 8 the second in a row: back to iteration 3's set
     assert [log.guard for log in logs[-2:]] == ["skipped", "rewound to 3"]
     assert distiller.iteration == 8 and distiller.rewinds == 1 and distiller.lr_scale == 0.5
@@ -327,7 +327,7 @@ def test_a_spike_skips_its_update_and_spikes_in_a_row_rewind_to_the_last_healthy
     for name, tensor in _state(distiller).items():
         expected = at_three[name] * 0.5 if name.startswith("syn_lr") else at_three[name]
         torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=name)
-    assert [g["lr"] for g in distiller.optimizer.param_groups] == [lr * 0.5 for lr in momentum_lrs]
+    assert [g["lr"] for g in distiller.optimizer.param_groups] == [lr * 0.5 for lr in outer_lrs]
 
 
 def test_a_non_finite_loss_is_a_spike_under_the_guard():
