@@ -124,7 +124,6 @@ class Distiller:
         self.spikes = 0  # consecutive spikes up to now
         self.clean = 0  # iterations since the last spike
         self.rewinds = 0
-        self.lr_scale = 1.0
         self._point = self._healthy_point() if self.rewind.enabled else None
         # trajectories stay resident on the device: they are small, and reloading them is what the references do
         self._traj = [
@@ -262,22 +261,24 @@ class Distiller:
                 "distill.lr_*)")
         self.rewinds += 1
         self.spikes = 0
-        self.lr_scale *= self.rewind.backoff
         self._point["rewinds"] += 1
         self._restore(self._point)
         return f"rewound to {self._point['iteration']}"
 
+    @property
+    def lr_scale(self) -> float:
+        """What the rewinds so far have scaled every outer lr by."""
+        return self.rewind.backoff ** self.rewinds
+
     def _healthy_point(self) -> dict:
         return {"iteration": self.iteration, "rewinds": 0,
-                "syn": {name: t.detach().clone() for name, t in self.syn.state_dict().items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+                **copy.deepcopy({"syn": self.syn.state_dict(), "optimizer": self.optimizer.state_dict()})}
 
     def _restore(self, point: dict) -> None:
         """The point's set and momentum, with its learned student lrs scaled once per rewind to it (an overshooting
         student is what a spike is) and every outer lr scaled by all the run's rewinds."""
+        self.syn.load_state_dict(point["syn"])  # copies into the parameters: the point stays as it was
         with torch.no_grad():
-            for name, tensor in self.syn.state_dict().items():
-                tensor.copy_(point["syn"][name])
             for lr in (self.syn.syn_lr_img, self.syn.syn_lr_txt):
                 lr.mul_(self.rewind.backoff ** point["rewinds"]).clamp_(min=self.outer.lr_floor)
         self.optimizer.load_state_dict(copy.deepcopy(point["optimizer"]))
@@ -305,7 +306,7 @@ class Distiller:
         }
         if self.rewind.enabled:
             state["guard"] = {"spikes": self.spikes, "clean": self.clean, "rewinds": self.rewinds,
-                              "lr_scale": self.lr_scale, "point": self._point}
+                              "point": self._point}
         return state
 
     def save(self, path: Path) -> None:
@@ -321,7 +322,7 @@ class Distiller:
         if self.rewind.enabled and "guard" in state:
             guard = state["guard"]
             self.spikes, self.clean, self.rewinds = guard["spikes"], guard["clean"], guard["rewinds"]
-            self.lr_scale, self._point = guard["lr_scale"], guard["point"]
+            self._point = guard["point"]
         elif self.rewind.enabled:  # a checkpoint from a run without the guard: its state is the healthy point
             self._point = self._healthy_point()
 
