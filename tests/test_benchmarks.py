@@ -405,3 +405,51 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_lors_eval_stability_small(tmp_path, capsys):
+    """Each intervention changes only its factor: on a set whose S is the identity and whose pixels are its
+    initial pixels, those two arms replay the base arm exactly; on a set with moved pixels and S, they do not,
+    and the halved lr moves the encoder less."""
+    from safetensors.torch import save_file
+
+    from repblend.pipeline import evaluation, steps
+    from repblend.pipeline.config import load_config
+    from repblend.stages.toydata import make_toy_dataset
+    from tiny import TINY_ENCODERS
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=16, n_dev=8, size=32)
+    overrides = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS, "model.embed_dim=16",
+                 "eval.epochs=3", "distill.mode=lors"]
+    config = load_config(str(ROOT / "configs/flickr8k_100.yaml"), overrides)
+    caches = steps.encode(config)
+    measure = evaluation.protocol(config, caches, "train", torch.device("cpu"))
+    train = steps.load_features(caches, "train", torch.device("cpu"))
+    index = torch.arange(0, 16, 2)
+    pixels = measure.train_images(index).float()
+    base_set = {"images": pixels, "texts": train.text_features[index * 5], "similarity": torch.eye(8),
+                "syn_lr_img": torch.tensor(0.05), "syn_lr_txt": torch.tensor(0.1), "init_image_index": index,
+                "init_caption_index": index * 5}
+    noise = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0))
+    moved_set = {**base_set, "images": pixels + 0.5 * noise, "similarity": torch.eye(8) + 0.3 * (1 - torch.eye(8))}
+    paths = [tmp_path / "same.safetensors", tmp_path / "moved.safetensors"]
+    for path, tensors in zip(paths, (base_set, moved_set)):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    module = _script("lors_eval_stability")
+    results = module.main([*map(str, paths), "--config", str(ROOT / "configs/flickr8k_100.yaml"), *overrides,
+                           "--arms", "base", "identity S", "init pixels", "lr x0.5", "--out", str(tmp_path / "study")])
+    same, moved = (results[str(p)]["arms"] for p in paths)
+    for label in ("identity S", "init pixels"):
+        assert same[label][0]["trace"] == same["base"][0]["trace"]
+    assert moved["base"][0]["trace"] != moved["init pixels"][0]["trace"]
+    assert moved["base"][0]["trace"] != moved["identity S"][0]["trace"]
+    assert 0 < moved["lr x0.5"][0]["drift"] < moved["base"][0]["drift"]
+    assert [t["epoch"] for t in moved["base"][0]["trace"]] == [1, 2, 3]
+    stats = [results[str(p)]["stats"] for p in paths]
+    assert stats[0]["pix_delta_rms"] == 0 and stats[1]["pix_delta_rms"] > 0.4
+    assert stats[1]["S_off_mean"] == pytest.approx(0.3)
+    out = capsys.readouterr().out
+    assert "| same | 0.05 |" in out and "| moved |" in out
+    assert (tmp_path / "study.json").is_file() and (tmp_path / "study.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        module.main([str(tmp_path / "missing.safetensors"), *overrides])
