@@ -7,11 +7,11 @@
 Each set (a LoRS-mode `synthetic.safetensors`, e.g. copied out of a run at several iterations) is evaluated by
 the LoRS protocol (the image encoder fine-tuned with a text head, wBCE against the set's S at its learned lrs)
 and by interventions on that protocol, one factor each, so the factor that separates collapsing sets from
-healthy ones shows: the learned image lr scaled, the learned S replaced by the identity, the loss, the
-initial pixels instead of the distilled ones. Per arm and epoch it traces the training loss, the encoder's
-relative drift from its start, and the mean off-diagonal cosine (Sim) of the training images' features;
-dev r_mean at a few epochs. Prints a table of each set's statistics and one of the arms, writes a JSON and a
-plot (per-epoch Sim and drift) beside the first set unless --out says otherwise.
+healthy ones shows: the learned image lr scaled (up, to find a healthy set's margin, and down), the learned S
+replaced by the identity, the CLIP loss, the initial pixels instead of the distilled ones. Per arm and epoch it
+traces the encoder's relative drift from its start and the mean off-diagonal cosine (Sim) of the training
+images' features; dev r_mean at a few epochs. Prints each set's statistics and a table of the arms, writes a
+JSON and a plot (per-epoch Sim and drift) beside the first set unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def arms(syn: dict[str, torch.Tensor], init_pixels: torch.Tensor) -> dict[str, d
     """label -> changes to the protocol (pixels, targets, lr scale, loss); one factor each."""
     return {
         "base": {},
+        "lr x1.5": {"lr_scale": 1.5},
         "lr x0.5": {"lr_scale": 0.5},
         "lr x0.25": {"lr_scale": 0.25},
         "identity S": {"targets": None},

@@ -280,6 +280,11 @@ class EvalConfig:
     # (as experts and the full bound train; wbce against the identity is a weaker baseline there), wbce where the
     # image encoder is fine-tuned (LoRS protocol: clip at the coreset lr collapses the image tower, measured)
     real_loss: str = "auto"
+    # a distilled set trains at its learned lrs (the references); this multiplies its learned IMAGE lr. LoRS sets
+    # learn the lr over a few plain-SGD student steps and are evaluated over 100 epochs with momentum 0.9, where
+    # their lr can sit at the edge of stability: 0.5 rescues the sets whose fine-tuned image tower collapsed
+    # (measured: benchmarks/lors_eval_stability.py, README "Modality collapse"); 1 = the references' protocol
+    syn_lr_img_scale: float = 1.0
     methods: list[str] = field(
         default_factory=lambda: ["repblend", "lors", "random", "herding", "kcenter", "full"]
     )
@@ -293,7 +298,7 @@ class EvalConfig:
         _choice("eval.real_loss", self.real_loss, ("auto", "wbce", "clip"))
         for method in self.methods:
             _choice("eval.methods[]", method, ("repblend", "lors", "random", "herding", "kcenter", "full"))
-        for key in ("epochs", "num_eval", "batch_size", "full_epochs"):
+        for key in ("epochs", "num_eval", "batch_size", "full_epochs", "syn_lr_img_scale"):
             _positive(f"eval.{key}", getattr(self, key))
         if not self.full_lrs or min(self.full_lrs) <= 0:
             raise ConfigError(f"eval.full_lrs={self.full_lrs} must be a non-empty list of positive lrs")

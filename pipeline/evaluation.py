@@ -154,6 +154,12 @@ class Protocol:
     eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image inputs, text features, caption_to_image
     model: Callable[[], nn.Module] | None  # None: fresh heads on cached features; LoRS: encoder + text head
     train_images: Callable[[torch.Tensor], torch.Tensor]  # image inputs of training images, by index
+    syn_lr_img_scale: float = 1.0  # eval.syn_lr_img_scale
+
+    def synthetic_pairs(self, images: torch.Tensor, texts: torch.Tensor, similarity: torch.Tensor,
+                        syn_lr_img: torch.Tensor, syn_lr_txt: torch.Tensor) -> PairSet:
+        """A distilled set as it trains: against its learned S at its learned lrs (the image lr scaled)."""
+        return PairSet(images, texts, similarity, float(syn_lr_img) * self.syn_lr_img_scale, float(syn_lr_txt))
 
 
 def protocol(config: Config, caches: dict[str, FeatureCache], split: str, device: torch.device) -> Protocol:
@@ -161,9 +167,10 @@ def protocol(config: Config, caches: dict[str, FeatureCache], split: str, device
     into its feature space (the references' LoRS evaluation), so they need the split's pixels."""
     evalset = load_features(caches, split, device)
     train = load_features(caches, config.data.train_split, device)
+    scale = config.eval.syn_lr_img_scale
     if not fine_tunes_encoder(config):
         return Protocol((evalset.image_features, evalset.text_features, evalset.caption_to_image), None,
-                        lambda idx: train.image_features[idx])
+                        lambda idx: train.image_features[idx], scale)
     from repblend.stages.lors import LorsModel
 
     encoder = build_image_encoder(config, device)
@@ -172,7 +179,7 @@ def protocol(config: Config, caches: dict[str, FeatureCache], split: str, device
     return Protocol((eval_pixels, evalset.text_features, evalset.caption_to_image),
                     lambda: LorsModel(encoder.backbone, txt_dim, encoder.feature_dim, config.model.dropout),
                     # decoded on first use (the eval probe never needs training pixels), then kept per process
-                    lambda idx: split_pixels(config, caches, config.data.train_split, encoder)[idx.cpu()])
+                    lambda idx: split_pixels(config, caches, config.data.train_split, encoder)[idx.cpu()], scale)
 
 
 def eval_seeds(config: Config) -> list[int]:
@@ -263,7 +270,7 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                "protocol": {"epochs": settings.epochs, "loss": settings.loss, "momentum": settings.momentum,
                             "weight_decay": settings.weight_decay, "coreset_lr": lr0,
                             "real_loss": real_settings.loss, "init_loss": init_loss,
-                            "fine_tunes_encoder": fine_tunes,
+                            "fine_tunes_encoder": fine_tunes, "syn_lr_img_scale": config.eval.syn_lr_img_scale,
                             "ebr": dataclasses.asdict(settings.ebr) if settings.ebr else None}}
     write_json(run_dir / "results.json", results)
     write_text(run_dir / "results.md", results_table(results))
@@ -302,7 +309,7 @@ def evaluate_synthetic(syn: dict[str, torch.Tensor], measure: Protocol, settings
                        device: torch.device) -> dict:
     """A distilled set (its safetensors) under its mode's protocol: trained at its learned lrs against its S."""
     images = syn["images"] if measure.model is not None else syn["image_features"]
-    pairs = PairSet(images, syn["texts"], syn["similarity"], float(syn["syn_lr_img"]), float(syn["syn_lr_txt"]))
+    pairs = measure.synthetic_pairs(images, syn["texts"], syn["similarity"], syn["syn_lr_img"], syn["syn_lr_txt"])
     return evaluate_pairs(pairs, settings, measure.eval_features, seeds, device, diagnose=True, model=measure.model)
 
 
@@ -328,8 +335,10 @@ def results_table(results: dict) -> str:
                 f"its initial pairs with {init_loss}, coresets (fresh heads) with {protocol['real_loss']}")
         model = ("the image encoder fine-tuned with a text head" if protocol.get("fine_tunes_encoder") else
                  "fresh heads")
+        scale = protocol.get("syn_lr_img_scale", 1.0)
+        lrs = "their learned lrs" + (f" (the image lr x{scale:g}, eval.syn_lr_img_scale)" if scale != 1 else "")
         lines.append(f"\nProtocol: {model}, {protocol['epochs']} epochs; "
-                     f"distilled sets train with {protocol['loss']} (against their learned S) at their learned lrs, "
+                     f"distilled sets train with {protocol['loss']} (against their learned S) at {lrs}, "
                      f"{real} at lr {protocol['coreset_lr']}")
     ebr = protocol.get("ebr")
     if ebr:

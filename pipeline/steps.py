@@ -629,7 +629,7 @@ def _image_features(syn, encoder) -> torch.Tensor:
 def _eval_probe(config: Config, caches: dict[str, FeatureCache], split: str, encoder, device: torch.device):
     """Recall of the set as it stands (one seed) on `split`: a learning curve, or Tune's score on val."""
     from repblend.pipeline.evaluation import eval_seeds, protocol, train_settings
-    from repblend.stages.evaluate import METRICS, PairSet, evaluate_pairs
+    from repblend.stages.evaluate import METRICS, evaluate_pairs
     from repblend.stages.retrieval import NonFiniteEmbeddings
 
     measure = protocol(config, caches, split, device)
@@ -637,8 +637,8 @@ def _eval_probe(config: Config, caches: dict[str, FeatureCache], split: str, enc
 
     def probe(syn) -> dict:
         images = syn.images.detach() if measure.model is not None else _image_features(syn, encoder)
-        pairs = PairSet(images, syn.texts.detach(), syn.sim.full().detach(), float(syn.syn_lr_img.detach()),
-                        float(syn.syn_lr_txt.detach()))
+        pairs = measure.synthetic_pairs(images, syn.texts.detach(), syn.sim.full().detach(), syn.syn_lr_img.detach(),
+                                        syn.syn_lr_txt.detach())
         try:
             result = evaluate_pairs(pairs, settings, measure.eval_features, seed, device, diagnose=True,
                                     model=measure.model)

@@ -245,3 +245,44 @@ def test_full_bound_is_read_back_by_runs_on_the_same_features_and_protocol(toy, 
     for overrides in (["eval.full_epochs=3"], ["eval.weight_decay=0.001"], ["run.seed=1"], ["eval.reuse_full=false"]):
         _, trained = bound("c", *overrides)
         assert trained, overrides
+
+
+def test_syn_lr_img_scale_trains_distilled_sets_at_the_scaled_image_lr(toy, tmp_path):
+    """eval.syn_lr_img_scale multiplies a distilled set's learned image lr (not its text lr) in evaluation: a set
+    with lr 0.2 at scale 0.5 trains exactly as the same set with lr 0.1 at scale 1, and not as at 0.2."""
+    from repblend.stages.evaluate import train_heads
+
+    base = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "distill.space=feature"]
+    plain, halved = (load_config(None, [*base, f"eval.syn_lr_img_scale={s}"]) for s in (1, 0.5))
+    caches = steps.encode(plain)
+    train = caches["train"].load()
+    syn = {"image_features": train.image_features[:8], "texts": train.text_features[:8] + 0.1,
+           "similarity": torch.eye(8) + 0.2, "syn_lr_img": torch.tensor(0.2), "syn_lr_txt": torch.tensor(0.1)}
+    cpu = torch.device("cpu")
+    measures = {name: evaluation.protocol(config, caches, "dev", cpu) for name, config in
+                (("plain", plain), ("halved", halved))}
+    pairs = measures["halved"].synthetic_pairs(*(syn[k] for k in ("image_features", "texts", "similarity",
+                                                                    "syn_lr_img", "syn_lr_txt")))
+    assert (pairs.lr_img, pairs.lr_txt) == pytest.approx((0.1, 0.1))
+    settings, seeds = evaluation.train_settings(plain), evaluation.eval_seeds(plain)
+
+    def weights(measure, lr_img: float) -> list[torch.Tensor]:
+        pairs = measure.synthetic_pairs(syn["image_features"], syn["texts"], syn["similarity"], torch.tensor(lr_img),
+                                        syn["syn_lr_txt"])
+        return [p.detach() for p in train_heads(pairs, settings, seeds[0], cpu).parameters()]
+
+    scaled, slower, faster = weights(measures["halved"], 0.2), weights(measures["plain"], 0.1), weights(
+        measures["plain"], 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(scaled, slower))
+    assert not all(torch.equal(a, b) for a, b in zip(scaled, faster))
+    assert (evaluation.evaluate_synthetic(syn, measures["halved"], settings, seeds, cpu)
+            == evaluation.evaluate_synthetic({**syn, "syn_lr_img": torch.tensor(0.1)}, measures["plain"], settings,
+                                             seeds, cpu))
+    protocol = {"epochs": 5, "loss": "wbce", "real_loss": "clip", "coreset_lr": 0.1, "syn_lr_img_scale": 0.5}
+    table = evaluation.results_table({"methods": {}, "eval_split": "dev", "pairs": 8, "seeds": seeds,
+                                      "protocol": protocol})
+    assert "at their learned lrs (the image lr x0.5, eval.syn_lr_img_scale)" in table
+    assert "image lr x" not in evaluation.results_table({"methods": {}, "eval_split": "dev", "pairs": 8, "seeds": seeds,
+                                                         "protocol": {**protocol, "syn_lr_img_scale": 1.0}})
+    with pytest.raises(ConfigError, match="eval.syn_lr_img_scale"):
+        load_config(None, [*base, "eval.syn_lr_img_scale=0"])
