@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import load_config
 from repblend.stages.diagnostics import mean_offdiagonal_similarity
-from repblend.stages.evaluate import PairSet, retrieval_of, train_heads
+from repblend.stages.evaluate import retrieval_of, train_heads
 
 PROBE_EPOCHS = (1, 5, 10, 25, 50, 100)
 
@@ -63,7 +63,8 @@ def run_arm(syn, measure, settings, seed: int, device, change: dict) -> dict:
     images = change.get("images", syn["images"])
     targets = change["targets"] if "targets" in change else syn["similarity"]
     scale = change.get("lr_scale", 1.0)
-    pairs = PairSet(images, syn["texts"], targets, float(syn["syn_lr_img"]) * scale, float(syn["syn_lr_txt"]))
+    # the protocol as configured (eval.syn_lr_img_scale included), then the arm's own scale on top
+    pairs = measure.synthetic_pairs(images, syn["texts"], targets, syn["syn_lr_img"] * scale, syn["syn_lr_txt"])
     run_settings = dataclasses.replace(settings, loss=change.get("loss", settings.loss))
     train_pixels = images.to(device).float()
     start = {k: v.detach().clone() for k, v in measure.model().image.backbone.named_parameters()}

@@ -444,6 +444,9 @@ def test_lors_eval_stability_small(tmp_path, capsys):
     assert moved["base"][0]["trace"] != moved["init pixels"][0]["trace"]
     assert moved["base"][0]["trace"] != moved["identity S"][0]["trace"]
     assert 0 < moved["lr x0.5"][0]["drift"] < moved["base"][0]["drift"]
+    halved = module.main([str(paths[1]), "--config", str(ROOT / "configs/flickr8k_100.yaml"), *overrides,
+                          "eval.syn_lr_img_scale=0.5", "--arms", "base", "--out", str(tmp_path / "halved")])
+    assert halved[str(paths[1])]["arms"]["base"][0]["trace"] == moved["lr x0.5"][0]["trace"]  # the protocol's scale
     assert [t["epoch"] for t in moved["base"][0]["trace"]] == [1, 2, 3]
     stats = [results[str(p)]["stats"] for p in paths]
     assert stats[0]["pix_delta_rms"] == 0 and stats[1]["pix_delta_rms"] > 0.4
