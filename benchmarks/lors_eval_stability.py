@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from repblend.stages.evaluate import retrieval_of, train_heads
 PROBE_EPOCHS = (1, 5, 10, 25, 50, 100)
 
 
-def arms(syn: dict[str, torch.Tensor], init_pixels: torch.Tensor) -> dict[str, dict]:
+def arms(init_pixels: torch.Tensor) -> dict[str, dict]:
     """label -> changes to the protocol (pixels, targets, lr scale, loss); one factor each."""
     return {
         "base": {},
@@ -59,6 +58,11 @@ def set_statistics(syn: dict[str, torch.Tensor], init_pixels: torch.Tensor) -> d
             "pix_delta_rms": float(delta.pow(2).mean().sqrt())}
 
 
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    """All parameters in one vector (reshape: the encoder's weights may be channels_last)."""
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
 def run_arm(syn, measure, settings, seed: int, device, change: dict) -> dict:
     images = change.get("images", syn["images"])
     targets = change["targets"] if "targets" in change else syn["similarity"]
@@ -67,16 +71,15 @@ def run_arm(syn, measure, settings, seed: int, device, change: dict) -> dict:
     pairs = measure.synthetic_pairs(images, syn["texts"], targets, syn["syn_lr_img"] * scale, syn["syn_lr_txt"])
     run_settings = dataclasses.replace(settings, loss=change.get("loss", settings.loss))
     train_pixels = images.to(device).float()
-    start = {k: v.detach().clone() for k, v in measure.model().image.backbone.named_parameters()}
+    start = _flat(measure.model().image.backbone)
+    start_norm = float(start.norm())
     trace = []
 
     def on_epoch(epoch: int, model) -> None:
-        params = dict(model.image.backbone.named_parameters())
-        drift = math.sqrt(sum(float((params[k].detach() - start[k]).pow(2).sum()) for k in start))
-        norm = math.sqrt(sum(float(v.pow(2).sum()) for v in start.values()))
         with torch.no_grad():
+            drift = float((_flat(model.image.backbone) - start).norm()) / start_norm
             sim = mean_offdiagonal_similarity(model.image(train_pixels))
-        row = {"epoch": epoch, "drift": drift / norm, "sim_img": sim}
+        row = {"epoch": epoch, "drift": drift, "sim_img": sim}
         if epoch in PROBE_EPOCHS:
             row["r_mean"] = retrieval_of(model, *measure.eval_features, device)["r_mean"]
         trace.append(row)
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "images" not in syn:
             ap.error(f"{path} has no pixels: only pixel-space LoRS sets are evaluated by fine-tuning")
         init_pixels = measure.train_images(syn["init_image_index"].cpu()).to(device)
-        chosen = arms(syn, init_pixels)
+        chosen = arms(init_pixels)
         unknown = set(args.arms or []) - set(chosen)
         if unknown:
             ap.error(f"--arms: no arm {sorted(unknown)}; the arms: {list(chosen)}")
