@@ -205,6 +205,11 @@ class DistillConfig:
     momentum: float = 0.5
     optimizer: str = "sgd"  # sgd (reference: momentum 0.5) | adam (scale-free, suits distill.space=feature)
     lr_floor: float = 0.001  # clamp learned student lrs here (the MTT code's clamp_lr); 0 = none, stop if <= 0
+    # ceilings on the learned student lrs, image and text side (0 = none; the references have none). The set is
+    # evaluated at its learned lrs for 100 epochs with momentum, far longer than the syn_steps that learned them:
+    # LoRS-mode sets whose image lr drifts past about 0.06 collapse the image encoder there (README, modality collapse)
+    syn_lr_img_max: float = 0.0
+    syn_lr_txt_max: float = 0.0
     # spike guard (stages/distiller.RewindSettings; the references have none): an iteration where a side's matching
     # loss exceeds rewind_loss (over 1: the student ended farther from its expert than it started; 1.1 measured,
     # early losses sit at 1.00-1.04) skips its update; rewind_patience in a row put the set back to its last healthy
@@ -249,6 +254,12 @@ class DistillConfig:
                 ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         _choice("distill.compile_scope", self.compile_scope, ("step", "unroll"))
         _positive("distill.lr_floor", self.lr_floor, allow_zero=True)
+        for key in ("syn_lr_img_max", "syn_lr_txt_max"):
+            ceiling = getattr(self, key)
+            _positive(f"distill.{key}", ceiling, allow_zero=True)
+            if 0 < ceiling <= self.lr_floor:
+                raise ConfigError(f"distill.{key}={ceiling} must be above distill.lr_floor={self.lr_floor} "
+                                  "(or 0 for no ceiling)")
         _positive("distill.rewind_loss", self.rewind_loss, allow_zero=True)
         _positive("distill.rewind_max", self.rewind_max, allow_zero=True)
         if not 0 < self.rewind_backoff <= 1:

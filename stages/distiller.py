@@ -40,6 +40,10 @@ class OuterSettings:
     momentum: float = 0.5
     optimizer: str = "sgd"  # sgd (reference, momentum) | adam (scale-free; suits feature space)
     lr_floor: float = 0.0  # clamp learned student lrs at this floor after each update (0 = no clamp)
+    # ceilings on the learned student lrs (image, text), kept from the start and after each update (0 = none): a set
+    # is evaluated at its learned lrs for far longer than the few student steps that learned them (measured: LoRS-mode
+    # sets whose image lr drifts past about 0.06 collapse the encoder in evaluation)
+    syn_lr_max: tuple[float, float] = (0.0, 0.0)
     # feature space: clamp the synthetic image features into [low, high] after each update (None = free)
     image_range: tuple[float, float] | None = None
 
@@ -120,6 +124,7 @@ class Distiller:
         else:
             self.optimizer = torch.optim.SGD(groups, lr=self.outer.lr_img, momentum=self.outer.momentum)
         self._base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self._clamp_lrs()
         # the spike guard's state (all of it checkpointed, so a resumed run rewinds as an uninterrupted one would)
         self.spikes = 0  # consecutive spikes up to now
         self.clean = 0  # iterations since the last spike
@@ -233,13 +238,18 @@ class Distiller:
 
     def _update(self) -> None:
         self.optimizer.step()
-        if self.outer.lr_floor > 0:
-            with torch.no_grad():
-                self.syn.syn_lr_img.clamp_(min=self.outer.lr_floor)
-                self.syn.syn_lr_txt.clamp_(min=self.outer.lr_floor)
+        self._clamp_lrs()
         if self.outer.image_range is not None:
             with torch.no_grad():
                 self.syn.images.clamp_(*self.outer.image_range)
+
+    def _clamp_lrs(self) -> None:
+        """Keep the learned student lrs inside [lr_floor, syn_lr_max] (each bound where it is set)."""
+        floor = self.outer.lr_floor if self.outer.lr_floor > 0 else None
+        with torch.no_grad():
+            for lr, ceiling in zip((self.syn.syn_lr_img, self.syn.syn_lr_txt), self.outer.syn_lr_max):
+                if floor is not None or ceiling > 0:
+                    lr.clamp_(min=floor, max=ceiling if ceiling > 0 else None)
 
     # the spike guard ----------------------------------------------------------------------------------------
 
@@ -280,7 +290,8 @@ class Distiller:
         self.syn.load_state_dict(point["syn"])  # copies into the parameters: the point stays as it was
         with torch.no_grad():
             for lr in (self.syn.syn_lr_img, self.syn.syn_lr_txt):
-                lr.mul_(self.rewind.backoff ** point["rewinds"]).clamp_(min=self.outer.lr_floor)
+                lr.mul_(self.rewind.backoff ** point["rewinds"])
+        self._clamp_lrs()
         self.optimizer.load_state_dict(copy.deepcopy(point["optimizer"]))
         for group, base in zip(self.optimizer.param_groups, self._base_lrs):
             group["lr"] = base * self.lr_scale

@@ -225,6 +225,26 @@ def test_resume_gives_the_same_set_as_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed.syn.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+def test_learned_lr_ceilings_hold_from_the_start_and_bind_each_side_alone():
+    distiller = _tiny_distiller(lr_lr=1e-2, syn_lr_max=(0.13, 0.0))
+    below = _tiny_distiller(syn_lr_max=(0.05, 0.0))  # a ceiling under the initial 0.1 applies before any update
+    assert float(below.syn.syn_lr_img.detach()) == pytest.approx(0.05)
+    assert float(below.syn.syn_lr_txt.detach()) == pytest.approx(0.1)
+    real = distiller.gradients
+
+    def rising(sample):  # both learned lrs pushed up every iteration
+        result = real(sample)
+        distiller.syn.syn_lr_img.grad = torch.full_like(distiller.syn.syn_lr_img, -1.0)
+        distiller.syn.syn_lr_txt.grad = torch.full_like(distiller.syn.syn_lr_txt, -1.0)
+        return result
+
+    distiller.gradients = rising
+    logs = []
+    distiller.run(10, on_step=logs.append)
+    assert all(log.syn_lr_img <= 0.13 for log in logs) and logs[-1].syn_lr_img == pytest.approx(0.13)
+    assert logs[-1].syn_lr_txt > 0.2  # the text side has no ceiling here
+
+
 def test_divergence_stops_with_a_clear_message(tmp_path):
     distiller = _tiny_distiller(lr_lr=1e6)  # the learned lr overshoots below zero at once
     ckpt = tmp_path / "ckpt.pt"

@@ -105,6 +105,17 @@ def test_the_spike_guard_runs_from_the_config_and_is_logged(toy, tmp_path, caplo
     assert "distill it 1: matching loss spike" in caplog.text
 
 
+def test_learned_lr_ceilings_reach_the_distiller_from_the_config(toy, tmp_path):
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY,
+                                "distill.space=feature", "distill.lr_teacher=0.1", "distill.syn_lr_img_max=0.04"])
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    distiller = steps.build_distiller(config, tmp_path, caches, torch.device("cpu")).distiller
+    assert distiller.outer.syn_lr_max == (0.04, 0.0)
+    assert float(distiller.syn.syn_lr_img.detach()) == pytest.approx(0.04)
+    assert float(distiller.syn.syn_lr_txt.detach()) == pytest.approx(0.1)
+
+
 def test_buffer_retrains_experts_that_lack_needed_snapshots(toy, tmp_path):
     base = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY]
     short = load_config(None, [*base, "distill.max_start_epoch=1"])
