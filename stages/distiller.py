@@ -40,9 +40,8 @@ class OuterSettings:
     momentum: float = 0.5
     optimizer: str = "sgd"  # sgd (reference, momentum) | adam (scale-free; suits feature space)
     lr_floor: float = 0.0  # clamp learned student lrs at this floor after each update (0 = no clamp)
-    # ceilings on the learned student lrs (image, text), kept from the start and after each update (0 = none): a set
-    # is evaluated at its learned lrs for far longer than the few student steps that learned them (measured: LoRS-mode
-    # sets whose image lr drifts past about 0.06 collapse the encoder in evaluation)
+    # ceilings on the learned student lrs (image, text), from the start and after each update; 0 = none. Why: the
+    # config's distill.syn_lr_img_max
     syn_lr_max: tuple[float, float] = (0.0, 0.0)
     # feature space: clamp the synthetic image features into [low, high] after each update (None = free)
     image_range: tuple[float, float] | None = None
@@ -245,11 +244,11 @@ class Distiller:
 
     def _clamp_lrs(self) -> None:
         """Keep the learned student lrs inside [lr_floor, syn_lr_max] (each bound where it is set)."""
-        floor = self.outer.lr_floor if self.outer.lr_floor > 0 else None
+        floor = self.outer.lr_floor or None  # 0 = unbounded: a negative lr must reach _check, not become 0
         with torch.no_grad():
             for lr, ceiling in zip((self.syn.syn_lr_img, self.syn.syn_lr_txt), self.outer.syn_lr_max):
-                if floor is not None or ceiling > 0:
-                    lr.clamp_(min=floor, max=ceiling if ceiling > 0 else None)
+                if floor or ceiling:
+                    lr.clamp_(min=floor, max=ceiling or None)
 
     # the spike guard ----------------------------------------------------------------------------------------
 
