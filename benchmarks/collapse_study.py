@@ -3,6 +3,7 @@
     python benchmarks/collapse_study.py                  # 5 noise levels x 5 seeds x 7 arms, a few minutes on 2 cores
     python benchmarks/collapse_study.py --small          # seconds: 2 noise levels, 2 seeds, short training
     python benchmarks/collapse_study.py --alphas 0.01 0.1 1 --seeds 10 --out runs/collapse_alpha
+    python benchmarks/collapse_study.py --alphas 0 0.01 --residual-alphas 0 0.01 0.1   # the residual adapter too
 
 Task and arms: see collapse_task.py. Modality A carries ``noise`` x N(0, 1) injected features; the fusion head
 has an 8-wide bottleneck. Per noise level and arm, over seeds (same data and seeds across arms): accuracy,
@@ -29,22 +30,23 @@ from collapse_task import TaskSpec, TrainSpec, make_task, measure, train_arm  # 
 COLUMNS = ("acc", "acc_no_a", "acc_no_a_sub", "acc_no_b", "acc_no_b_sub", "erank", "erank_b", "code_cos")
 
 
-def arm_list(alphas: list[float]) -> list[tuple[str, str, float | None]]:
-    """(label, arm, alpha): one EBR arm per alpha."""
-    arms = [("vanilla", "vanilla", None), ("kd", "kd", None)]
-    arms += [(f"ebr a={a:g}", "ebr", a) for a in alphas]
-    return arms + [("dropout", "dropout", None), ("B alone", "b_only", None)]
+def arm_list(alphas: list[float], residual_alphas: list[float] = ()) -> list[tuple[str, str, dict]]:
+    """(label, arm, TrainSpec changes): one EBR arm per alpha, one residual-adapter EBR arm per residual alpha."""
+    arms = [("vanilla", "vanilla", {}), ("kd", "kd", {})]
+    arms += [(f"ebr a={a:g}", "ebr", {"alpha": a}) for a in alphas]
+    arms += [(f"ebr residual a={a:g}", "ebr", {"alpha": a, "ebr_residual": True}) for a in residual_alphas]
+    return arms + [("dropout", "dropout", {}), ("B alone", "b_only", {})]
 
 
 def run(noises: list[float], seeds: int, alphas: list[float], spec: TaskSpec, train: TrainSpec,
-        log=print) -> dict[str, dict[str, dict[str, list[float]]]]:
+        log=print, residual_alphas: list[float] = ()) -> dict[str, dict[str, dict[str, list[float]]]]:
     """results[label][noise][metric] = one value per seed."""
     results: dict = {}
     for noise in noises:
         for seed in range(seeds):
             data = make_task(spec, noise, seed)
-            for label, arm, alpha in arm_list(alphas):
-                t = dataclasses.replace(train, alpha=alpha) if alpha is not None else train
+            for label, arm, changes in arm_list(alphas, residual_alphas):
+                t = dataclasses.replace(train, **changes)
                 metrics = measure(train_arm(arm, data, spec.classes, t, seed), data)
                 cell = results.setdefault(label, {}).setdefault(f"{noise:g}", {})
                 for key, value in metrics.items():
@@ -129,6 +131,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.01, 0.1],
                     help="one EBR arm per alpha (0: the adapter without the adversary, an ablation)")
+    ap.add_argument("--residual-alphas", type=float, nargs="*", default=[],
+                    help="one EBR arm per alpha with the residual adapter (ebr.residual: f + h^-1(g))")
     ap.add_argument("--epochs", type=int, default=TrainSpec.epochs)
     ap.add_argument("--rank", type=int, default=TrainSpec.rank, help="fusion bottleneck width")
     ap.add_argument("--out", default="runs/collapse_study")
@@ -137,12 +141,13 @@ def main() -> None:
     spec, train = TaskSpec(), TrainSpec(epochs=args.epochs, rank=args.rank)
     if args.small:
         args.noise, args.seeds, args.alphas = [0.0, 2.0], 2, [a for a in args.alphas if a > 0][:1] or args.alphas[:1]
+        args.residual_alphas = args.residual_alphas[:1]
         spec, train = TaskSpec(train=300, test=400, noise_dims=32), dataclasses.replace(train, epochs=10)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = run(args.noise, args.seeds, args.alphas, spec, train)
+    results = run(args.noise, args.seeds, args.alphas, spec, train, residual_alphas=args.residual_alphas)
     text = table(results)
     print(text)
     (out / "table.md").write_text(text)

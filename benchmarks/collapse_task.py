@@ -50,6 +50,7 @@ class TrainSpec:
     alpha: float = 0.01  # EBR weight of L_md
     ebr_hidden: int = 64
     ebr_shared: int = 16
+    ebr_residual: bool = False  # decoded = f + h^-1(g), starting as no adapter (stages/ebr.py; not the paper's form)
     kd_weight: float = 1.0
     kd_temperature: float = 2.0
     dropout_p: float = 0.5  # modality dropout: probability that a sample loses one (random) modality
@@ -75,7 +76,7 @@ class FusionNet(nn.Module):
     def __init__(self, d_a: int, d_b: int, classes: int, t: TrainSpec, ebr: bool = False, kd: bool = False):
         super().__init__()
         self.encoders = nn.ModuleList([mlp(d_a, t.enc, t.enc), mlp(d_b, t.enc, t.enc)])
-        self.adapter = EBRAdapter((t.enc, t.enc), t.ebr_hidden, t.ebr_shared) if ebr else None
+        self.adapter = EBRAdapter((t.enc, t.enc), t.ebr_hidden, t.ebr_shared, t.ebr_residual) if ebr else None
         self.fusion = nn.Linear(2 * t.enc, t.rank)
         self.classifier = nn.Linear(t.rank, classes)
         self.aux_b = nn.Linear(t.enc, classes) if kd else None
@@ -89,7 +90,7 @@ class FusionNet(nn.Module):
 
     def decoded(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         codes = [self.adapter.encode(i, f) for i, f in enumerate(feats)]
-        return [self.adapter.decode(i, g) for i, g in enumerate(codes)], codes
+        return [self.adapter.reconstruct(i, f, g) for i, (f, g) in enumerate(zip(feats, codes))], codes
 
     def representation(self, x_a: Tensor, x_b: Tensor, missing: int | None = None, substitute: bool = False):
         """Fused activations; ``missing`` zero-fills that modality's input, or with ``substitute`` (EBR only)

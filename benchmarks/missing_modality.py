@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--shared-dim", type=int, default=256)
+    ap.add_argument("--residual", action="store_true", help="the residual adapter (ebr.residual: f + h^-1(g))")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.15, 0.3, 0.5, 1.0])
     ap.add_argument("--threads", type=int, default=1)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ev = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     print(f"train {len(img)} images / {len(txt)} pairs ({train_cache.tensors_path.name}), val {len(val[0])} images, "
           f"eval {evalset.num_images} images ({eval_cache.tensors_path.name}); {args.epochs} epochs, lr {args.lr}")
-    ebr = EBRSettings(alpha=args.alpha, hidden=args.hidden, shared_dim=args.shared_dim)
+    ebr = EBRSettings(alpha=args.alpha, hidden=args.hidden, shared_dim=args.shared_dim, residual=args.residual)
     cpu = torch.device("cpu")
     rows: dict[tuple[str, str, str], list[float]] = {}
     plain_recall: dict[str, list[float]] = {}

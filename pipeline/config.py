@@ -207,7 +207,7 @@ class DistillConfig:
     lr_floor: float = 0.001  # clamp learned student lrs here (the MTT code's clamp_lr); 0 = none, stop if <= 0
     # ceilings on the learned student lrs, image and text side (0 = none; the references have none). The set is
     # evaluated at its learned lrs for 100 epochs with momentum, far longer than the syn_steps that learned them:
-    # LoRS-mode sets whose image lr drifts past about 0.06 collapse the image encoder there (README, modality collapse)
+    # LoRS-mode sets whose image lr drifts past about 0.06 collapse the image encoder there (docs/collapse.md)
     syn_lr_img_max: float = 0.0
     syn_lr_txt_max: float = 0.0
     # spike guard (stages/distiller.RewindSettings; the references have none): an iteration where a side's matching
@@ -294,7 +294,7 @@ class EvalConfig:
     # a distilled set trains at its learned lrs (the references); this multiplies its learned IMAGE lr. LoRS sets
     # learn the lr over a few plain-SGD student steps and are evaluated over 100 epochs with momentum 0.9, where
     # their lr can sit at the edge of stability: 0.5 rescues the sets whose fine-tuned image tower collapsed
-    # (measured: benchmarks/lors_eval_stability.py, README "Modality collapse"); 1 = the references' protocol
+    # (measured: benchmarks/lors_eval_stability.py, docs/collapse.md); 1 = the references' protocol
     syn_lr_img_scale: float = 1.0
     methods: list[str] = field(
         default_factory=lambda: ["repblend", "lors", "random", "herding", "kcenter", "full"]
@@ -326,6 +326,7 @@ class EBRConfig:
     apply_to: list[str] = field(default_factory=lambda: ["eval"])  # trainings that use it; only eval (see below)
     interleave: bool = False  # alternate discriminator and encoder updates instead of the gradient-reversal layer
     lr_scale: float = 0.1  # adapter lr relative to the heads' (the un-normalised MLPs diverge at the heads' lr)
+    residual: bool = False  # decoded = f + h^-1(g), starting as the plain heads (not the paper's form; stages/ebr.py)
 
     def __post_init__(self) -> None:
         _positive("ebr.alpha", self.alpha, allow_zero=True)

@@ -23,8 +23,8 @@ from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_co
 from repblend.stages.encode import FeatureCache
 from repblend.stages.ebr import EBRSettings
 from repblend.stages.diagnostics import DIAGNOSTICS
-from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, retrieval_of, set_diagnostics,
-                                      summarize, train_heads)
+from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, scored_retrieval, scored_run,
+                                      summarize_seeds, train_heads)
 from repblend.stages.io import file_digest, read_json, write_json, write_text
 
 INVERTED = "repblend_pixels"  # the results row of the feature set inverted to images (invert.enabled)
@@ -60,7 +60,7 @@ def ebr_settings(config: Config, training: str) -> EBRSettings | None:
     if not ebr.enabled or training not in ebr.apply_to:
         return None
     return EBRSettings(alpha=ebr.alpha, hidden=ebr.hidden, shared_dim=ebr.shared_dim, interleave=ebr.interleave,
-                       lr_scale=ebr.lr_scale)
+                       lr_scale=ebr.lr_scale, residual=ebr.residual)
 
 
 def _real_pairs(train, caption_idx: torch.Tensor, lr: float) -> PairSet:
@@ -98,7 +98,7 @@ def full_bound(config: Config, train, evalset, device: torch.device,
         started = time.perf_counter()
         train_heads(_real_pairs(train, everything, lr), settings, config.run.seed, device, model=model,
                     on_epoch=lambda epoch, heads, lr=lr: curve.append(
-                        (lr, epoch, retrieval_of(heads, *eval_features, device))))
+                        (lr, epoch, scored_retrieval(heads, *eval_features, device))))
         log.info("eval full: lr %g, best r_mean %.2f over %d epochs (%.0f s)", lr,
                  max(m["r_mean"] for x, _, m in curve if x == lr), settings.epochs, time.perf_counter() - started)
     best_lr, best_epoch, best = max(curve, key=lambda item: item[2]["r_mean"])
@@ -106,11 +106,11 @@ def full_bound(config: Config, train, evalset, device: torch.device,
     for seed in eval_seeds(config)[1:]:  # same schedule, stopped at the selected epoch
         heads = train_heads(_real_pairs(train, everything, best_lr), settings, seed, device, stop_after=best_epoch,
                             model=model)
-        runs.append(retrieval_of(heads, *eval_features, device))
+        runs.append(scored_retrieval(heads, *eval_features, device))
     info = {"lrs": list(config.eval.full_lrs), "epochs": config.eval.full_epochs, "best_lr": best_lr,
             "best_epoch": best_epoch, "selected_on": config.data.eval_split,
             "curve": [{"lr": lr, "epoch": epoch, "r_mean": round(m["r_mean"], 2)} for lr, epoch, m in curve]}
-    return summarize(runs), info
+    return summarize_seeds(runs), info
 
 
 def full_bound_key(config: Config, caches: dict[str, FeatureCache], device: torch.device) -> dict:
@@ -234,10 +234,11 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
             runs, diagnostics = [], []
             for seed, caption_idx in zip(seeds, _coresets(method, train, n, seeds)):
                 pairs = _real_pairs(train, caption_idx.to(device), lr0)
-                heads = train_heads(pairs, real_settings, seed, device)
-                runs.append(retrieval_of(heads, *eval_features, device))
-                diagnostics.append(set_diagnostics(heads, pairs, device))
-            methods[method] = {**summarize(runs), "diagnostics": summarize(diagnostics, DIAGNOSTICS)}
+                run, diagnosed = scored_run(train_heads(pairs, real_settings, seed, device), pairs, eval_features,
+                                            device, diagnose=True)
+                runs.append(run)
+                diagnostics.append(diagnosed)
+            methods[method] = summarize_seeds(runs, diagnostics)
         elif method == "full":
             methods["full"], notes["full"] = reused_full_bound(config, caches, train, evalset, device)
             expert = _best_expert(buffer_dir_of(config, run_dir))
@@ -303,6 +304,9 @@ def _log_row(name: str, metrics: dict, started: float) -> None:
     mean = {key: metrics[key]["mean"] for key in ("img_r10", "txt_r10", "r_mean")}
     log.info("eval %s: img_r10 %.2f  txt_r10 %.2f  r_mean %.2f (%.0f s)", name, *mean.values(),
              time.perf_counter() - started)
+    if metrics.get("diverged_seeds"):
+        log.warning("eval %s: training diverged (non-finite embeddings) in %d seed(s); each scores 0 in the row",
+                    name, metrics["diverged_seeds"])
 
 
 def evaluate_synthetic(syn: dict[str, torch.Tensor], measure: Protocol, settings: TrainSettings, seeds: list[int],
@@ -321,6 +325,10 @@ def results_table(results: dict) -> str:
     for name, metrics in results["methods"].items():
         cells = [f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    diverged = [f"{name} in {m['diverged_seeds']} of {len(results['seeds'])} seeds"
+                for name, m in results["methods"].items() if m.get("diverged_seeds")]
+    if diverged:
+        lines += ["", "Diverged in training (non-finite embeddings; such a seed scores 0): " + ", ".join(diverged)]
     if results.get("diagnostics"):
         lines += ["", f"Collapse diagnostics of each {results['pairs']}-pair training set, embedded by the heads trained "
                   "on it (mean over seeds; sim = mean off-diagonal cosine, gap = distance of the modality means, "
@@ -343,7 +351,8 @@ def results_table(results: dict) -> str:
     ebr = protocol.get("ebr")
     if ebr:
         lines.append(f"\nEvery row trained with EBR (alpha {ebr['alpha']}, H {ebr['hidden']}, S {ebr['shared_dim']}, "
-                     f"{'interleaved' if ebr['interleave'] else 'gradient reversal'}); recall uses decoded embeddings")
+                     f"{'interleaved' if ebr['interleave'] else 'gradient reversal'}"
+                     f"{', residual' if ebr.get('residual') else ''}); recall uses decoded embeddings")
     notes = results.get("notes", {})
     if "full" in notes:
         full = notes["full"]

@@ -631,7 +631,6 @@ def _eval_probe(config: Config, caches: dict[str, FeatureCache], split: str, enc
     """Recall of the set as it stands (one seed) on `split`: a learning curve, or Tune's score on val."""
     from repblend.pipeline.evaluation import eval_seeds, protocol, train_settings
     from repblend.stages.evaluate import METRICS, evaluate_pairs
-    from repblend.stages.retrieval import NonFiniteEmbeddings
 
     measure = protocol(config, caches, split, device)
     settings, seed = train_settings(config), eval_seeds(config)[:1]
@@ -640,10 +639,8 @@ def _eval_probe(config: Config, caches: dict[str, FeatureCache], split: str, enc
         images = syn.images.detach() if measure.model is not None else _image_features(syn, encoder)
         pairs = measure.synthetic_pairs(images, syn.texts.detach(), syn.sim.full().detach(), syn.syn_lr_img.detach(),
                                         syn.syn_lr_txt.detach())
-        try:
-            result = evaluate_pairs(pairs, settings, measure.eval_features, seed, device, diagnose=True,
-                                    model=measure.model)
-        except NonFiniteEmbeddings:  # heads trained on this set diverged: it scores nothing (Tune stops it)
+        result = evaluate_pairs(pairs, settings, measure.eval_features, seed, device, diagnose=True, model=measure.model)
+        if result.get("diverged_seeds"):  # heads trained on this set diverged: it scores nothing (Tune stops it)
             log.warning("distill: heads trained on the current set diverged; its %s recall counts as 0", split)
             return {k: 0.0 for k in METRICS} | {"diverged": True}
         diagnostics = result.pop("diagnostics")  # collapse over iterations (issue: RepBlend's concentration curve)

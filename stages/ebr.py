@@ -16,6 +16,11 @@ that ``model.image(x)`` / ``model.text(x)`` return decoded embeddings and retrie
 It applies to evaluation training only (``ebr.apply_to``): distillation replays head-only trajectories
 with the plain loss, so experts trained through an adapter would be trajectories it cannot follow.
 No reconstruction loss: the decoders learn only through L_sem, as in the sources ALGORITHMS.md cites.
+
+``residual=True`` (not the paper's form) decodes to ``f_i + h_i^-1(g_i)`` with each decoder's last layer starting
+at zero, so the model starts as the plain heads and the adapter only adds to them: on 99 pairs the paper's
+bottleneck costs recall by itself (alpha = 0 loses as much as alpha > 0), and this separates that cost from
+what the adversarial term does.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class EBRSettings:
     shared_dim: int = 512
     interleave: bool = False
     lr_scale: float = 0.1  # adapter lr = lr_scale x its modality's head lr (psi: x their mean); see ebr_param_groups
+    residual: bool = False  # decoded = f + h^-1(g), decoders' last layers from zero (the module docstring says why)
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.hidden < 1 or self.shared_dim < 1 or self.lr_scale < 0:
@@ -69,14 +75,21 @@ def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
 class EBRAdapter(nn.Module):
     """Projectors h_i, decoders h_i^-1 (one per modality, feature widths ``dims``) and one discriminator psi."""
 
-    def __init__(self, dims: Sequence[int], hidden: int, shared_dim: int) -> None:
+    def __init__(self, dims: Sequence[int], hidden: int, shared_dim: int, residual: bool = False) -> None:
         super().__init__()
         if len(dims) < 2:
             raise ValueError(f"EBR needs at least two modalities, got dims={list(dims)}")
         self.dims = tuple(int(d) for d in dims)
+        if residual and len(set(self.dims)) != 1:
+            raise ValueError(f"a residual EBR adapter needs one feature width for all modalities, got {list(dims)}")
+        self.residual = residual
         self.projectors = nn.ModuleList(mlp(d, hidden, shared_dim) for d in self.dims)
         self.decoders = nn.ModuleList(mlp(shared_dim, hidden, d) for d in self.dims)
         self.discriminator = mlp(shared_dim, hidden, len(self.dims))
+        if residual:
+            for decoder in self.decoders:
+                nn.init.zeros_(decoder[-1].weight)
+                nn.init.zeros_(decoder[-1].bias)
 
     @property
     def num_modalities(self) -> int:
@@ -87,6 +100,11 @@ class EBRAdapter(nn.Module):
 
     def decode(self, modality: int, codes: Tensor) -> Tensor:
         return self.decoders[modality](codes)
+
+    def reconstruct(self, modality: int, base: Tensor, codes: Tensor) -> Tensor:
+        """What replaces a feature: its decoded code, plus ``base`` (the feature the code came from) if residual."""
+        decoded = self.decode(modality, codes)
+        return base + decoded if self.residual else decoded
 
     def discrimination_loss(self, codes: Sequence[Tensor], reverse: bool = True) -> Tensor:
         """L_md: cross-entropy of psi on the codes of each modality (rows of absent items simply not passed).
@@ -100,8 +118,9 @@ class EBRAdapter(nn.Module):
         return F.cross_entropy(self.discriminator(grad_reverse(stacked) if reverse else stacked), labels)
 
     def translate(self, target: int, source: int, features: Tensor) -> Tensor:
-        """Proxy for a missing modality: h_target^-1(h_source(f_source))."""
-        return self.decode(target, self.encode(source, features))
+        """Proxy for a missing modality: h_target^-1(h_source(f_source)) (plus f_source if residual: the widths are
+        equal then, and the heads put both modalities in one space)."""
+        return self.reconstruct(target, features, self.encode(source, features))
 
 
 class EBRDualHeads(nn.Module):
@@ -114,25 +133,37 @@ class EBRDualHeads(nn.Module):
         super().__init__()
         self.heads = heads
         self.settings = settings
-        self.adapter = EBRAdapter((heads.image.out_dim, heads.text.out_dim), settings.hidden, settings.shared_dim)
+        self.adapter = EBRAdapter((heads.image.out_dim, heads.text.out_dim), settings.hidden, settings.shared_dim,
+                                  settings.residual)
+
+    def _side(self, modality: int, head_out: Tensor) -> Tensor:
+        return self.adapter.reconstruct(modality, head_out, self.adapter.encode(modality, head_out))
 
     def image(self, x: Tensor) -> Tensor:
-        return self.adapter.decode(0, self.adapter.encode(0, self.heads.image(x)))
+        return self._side(0, self.heads.image(x))
 
     def text(self, x: Tensor) -> Tensor:
-        return self.adapter.decode(1, self.adapter.encode(1, self.heads.text(x)))
+        return self._side(1, self.heads.text(x))
+
+    def head_outputs(self, img_feats: Tensor, txt_feats: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads.image(img_feats), self.heads.text(txt_feats)
 
     def codes(self, img_feats: Tensor, txt_feats: Tensor) -> tuple[Tensor, Tensor]:
-        return self.adapter.encode(0, self.heads.image(img_feats)), self.adapter.encode(1, self.heads.text(txt_feats))
+        return self.codes_of(*self.head_outputs(img_feats, txt_feats))
 
-    def embeddings(self, g_img: Tensor, g_txt: Tensor) -> tuple[Tensor, Tensor]:
-        """L2-normalised decoded embeddings of codes (what the semantic loss and retrieval see)."""
-        return (F.normalize(self.adapter.decode(0, g_img), dim=-1),
-                F.normalize(self.adapter.decode(1, g_txt), dim=-1))
+    def codes_of(self, f_img: Tensor, f_txt: Tensor) -> tuple[Tensor, Tensor]:
+        return self.adapter.encode(0, f_img), self.adapter.encode(1, f_txt)
+
+    def embeddings(self, f_img: Tensor, f_txt: Tensor, g_img: Tensor, g_txt: Tensor) -> tuple[Tensor, Tensor]:
+        """L2-normalised decoded embeddings of the head outputs f and their codes g (what the semantic loss and
+        retrieval see)."""
+        return (F.normalize(self.adapter.reconstruct(0, f_img, g_img), dim=-1),
+                F.normalize(self.adapter.reconstruct(1, f_txt, g_txt), dim=-1))
 
     def forward(self, img_feats: Tensor, txt_feats: Tensor) -> tuple[Tensor, Tensor]:
         """The drop-in for ``DualHeads.forward``."""
-        return self.embeddings(*self.codes(img_feats, txt_feats))
+        f_img, f_txt = self.head_outputs(img_feats, txt_feats)
+        return self.embeddings(f_img, f_txt, *self.codes_of(f_img, f_txt))
 
 
 def ebr_param_groups(adapter: EBRAdapter, lrs: Sequence[float], lr_scale: float = 1.0) -> list[dict]:
@@ -156,8 +187,9 @@ def ebr_step(model: EBRDualHeads, optimizer: torch.optim.Optimizer, semantic: Ca
     Returns the semantic loss (detached). Parameters without a gradient are skipped by torch's optimisers,
     so the interleaved discriminator update moves psi only and the encoder update never moves psi."""
     settings, adapter = model.settings, model.adapter
-    g_img, g_txt = model.codes(img_feats, txt_feats)
-    sem = semantic(*model.embeddings(g_img, g_txt))
+    f_img, f_txt = model.head_outputs(img_feats, txt_feats)
+    g_img, g_txt = model.codes_of(f_img, f_txt)
+    sem = semantic(*model.embeddings(f_img, f_txt, g_img, g_txt))
     if not settings.interleave:
         optimizer.zero_grad(set_to_none=True)
         (sem + settings.alpha * adapter.discrimination_loss((g_img, g_txt), reverse=True)).backward()

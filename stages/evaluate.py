@@ -20,7 +20,7 @@ from repblend.stages.diagnostics import DIAGNOSTICS, collapse_diagnostics
 from repblend.stages.ebr import EBRDualHeads, EBRSettings, ebr_param_groups, ebr_step
 from repblend.stages.heads import DualHeads, heads_sgd
 from repblend.stages.losses import clip_loss, wbce_loss
-from repblend.stages.retrieval import retrieval_metrics
+from repblend.stages.retrieval import NonFiniteEmbeddings, retrieval_metrics
 
 METRICS = ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean")
 
@@ -129,6 +129,40 @@ def summarize(runs: list[dict[str, float]], keys: tuple[str, ...] = METRICS) -> 
     return out
 
 
+DIVERGED = "diverged"  # marks a run whose model diverged in training (scored_retrieval)
+
+
+def scored_retrieval(heads: DualHeads, image_features: torch.Tensor, text_features: torch.Tensor,
+                     caption_to_image: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """`retrieval_of`, except that a model whose embeddings are not finite (it diverged in training) retrieves
+    nothing: it scores 0 on every metric and is marked, so that one unstable seed, lr or set is reported in its
+    row instead of stopping an evaluation of many."""
+    try:
+        return retrieval_of(heads, image_features, text_features, caption_to_image, device)
+    except NonFiniteEmbeddings:
+        return dict.fromkeys(METRICS, 0.0) | {DIVERGED: 1.0}
+
+
+def scored_run(heads: DualHeads, pairs: PairSet, eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               device: torch.device, diagnose: bool) -> tuple[dict[str, float], dict[str, float] | None]:
+    """One trained model's recall, and with `diagnose` its training set's diagnostics (None if it diverged)."""
+    run = scored_retrieval(heads, *eval_features, device)
+    return run, (set_diagnostics(heads, pairs, device) if diagnose and not run.get(DIVERGED) else None)
+
+
+def summarize_seeds(runs: list[dict[str, float]], diagnostics: list[dict[str, float] | None] | None = None) -> dict:
+    """mean ± std over seeds (a diverged seed counts 0, and `diverged_seeds` says how many did); with
+    `diagnostics`, theirs over the seeds that did not diverge under "diagnostics"."""
+    result: dict = summarize(runs)
+    diverged = sum(1 for run in runs if run.get(DIVERGED))
+    if diverged:
+        result["diverged_seeds"] = diverged
+    kept = [d for d in diagnostics or [] if d is not None]
+    if kept:
+        result["diagnostics"] = summarize(kept, DIAGNOSTICS)
+    return result
+
+
 def set_diagnostics(heads: DualHeads, pairs: PairSet, device: torch.device) -> dict[str, float]:
     """Collapse diagnostics of a training set, in the shared space of the heads trained on it."""
     heads.eval()
@@ -142,14 +176,11 @@ def evaluate_pairs(pairs: PairSet, settings: TrainSettings, eval_features: tuple
                    seeds: list[int], device: torch.device, diagnose: bool = False,
                    model: Callable[[], nn.Module] | None = None) -> dict[str, dict]:
     """Train once per seed on `pairs`, report retrieval on the eval split as mean +- std; with `diagnose`,
-    also the set's collapse diagnostics under the "diagnostics" key."""
+    also the set's collapse diagnostics under the "diagnostics" key (see `summarize_seeds` for diverged seeds)."""
     runs, diagnostics = [], []
     for seed in seeds:
-        heads = train_heads(pairs, settings, seed, device, model=model)
-        runs.append(retrieval_of(heads, *eval_features, device))
-        if diagnose:
-            diagnostics.append(set_diagnostics(heads, pairs, device))
-    result = summarize(runs)
-    if diagnose:
-        result["diagnostics"] = summarize(diagnostics, DIAGNOSTICS)
-    return result
+        run, diagnosed = scored_run(train_heads(pairs, settings, seed, device, model=model), pairs, eval_features,
+                                    device, diagnose)
+        runs.append(run)
+        diagnostics.append(diagnosed)
+    return summarize_seeds(runs, diagnostics)

@@ -47,11 +47,11 @@ def test_grl_gives_psi_plus_and_projectors_minus_alpha_grad():
     assert any(g.abs().sum() > 0 for g in plain[len(psi):])  # the projectors do get a signal
 
 
-def _md_after_one_step(interleave: bool):
+def _md_after_one_step(interleave: bool, residual: bool):
     """L_md before; after the step with the new psi on the old codes; with the old psi on the new codes."""
     torch.manual_seed(0)
     model = EBRDualHeads(DualHeads(6, 5, 8, dropout=0.0), EBRSettings(alpha=1.0, hidden=16, shared_dim=4,
-                                                                       interleave=interleave))
+                                                                       interleave=interleave, residual=residual))
     g = torch.Generator().manual_seed(3)
     img, txt = torch.randn(16, 6, generator=g), torch.randn(16, 5, generator=g)
     old_psi = {k: v.clone() for k, v in model.adapter.discriminator.state_dict().items()}
@@ -68,9 +68,10 @@ def _md_after_one_step(interleave: bool):
     return before, psi_moved, codes_moved, new_psi, old_psi
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("interleave", [False, True])
-def test_one_step_psi_descends_and_encoders_ascend(interleave):
-    before, psi_moved, codes_moved, new_psi, old_psi = _md_after_one_step(interleave)
+def test_one_step_psi_descends_and_encoders_ascend(interleave, residual):
+    before, psi_moved, codes_moved, new_psi, old_psi = _md_after_one_step(interleave, residual)
     assert psi_moved < before, "the discriminator must move to decrease L_md"
     assert codes_moved > before, "projectors and heads must move to increase L_md"
     assert any(not torch.equal(new_psi[k], old_psi[k]) for k in old_psi)
@@ -90,6 +91,31 @@ def test_shapes():
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
     with pytest.raises(ValueError):
         EBRAdapter((12,), hidden=4, shared_dim=2)
+
+
+def test_residual_adapter_starts_as_the_plain_heads_and_then_learns():
+    """residual=True: decoded = f + h^-1(g) with zeroed last decoder layers, so before any step the model's
+    embeddings are the heads' own, exactly; a substitute is the source embedding plus a decoded correction (zero at
+    the start); a step moves the decoders off zero (the adapter is trained, not idle)."""
+    torch.manual_seed(0)
+    heads = DualHeads(6, 5, 8, dropout=0.0)
+    model = EBRDualHeads(heads, EBRSettings(alpha=1.0, hidden=16, shared_dim=4, residual=True))
+    g = torch.Generator().manual_seed(3)
+    img, txt = torch.randn(16, 6, generator=g), torch.randn(16, 5, generator=g)
+    with torch.no_grad():
+        for got, want in zip(model(img, txt), heads(img, txt)):
+            assert torch.equal(got, want)
+        torch.testing.assert_close(model.adapter.translate(1, 0, heads.image(img)), heads.image(img))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ebr_step(model, optimizer, lambda i, t: -(i * t).sum(), img, txt)
+    assert all(decoder[-1].weight.abs().sum() > 0 for decoder in model.adapter.decoders)
+    with torch.no_grad():
+        assert not torch.allclose(model.image(img), heads.image(img))
+
+
+def test_residual_adapter_needs_one_width():
+    with pytest.raises(ValueError, match=r"one feature width .*\[12, 7\]"):
+        EBRAdapter((12, 7), hidden=10, shared_dim=3, residual=True)
 
 
 def _pairs(n=40, seed=0):
@@ -159,6 +185,7 @@ def test_config_section():
     assert config.ebr.apply_to == ["eval"] and config.ebr.interleave is False
     on = train_settings(load_config(None, ["ebr.enabled=true", "ebr.alpha=0.1", "ebr.interleave=true"]))
     assert on.ebr == EBRSettings(alpha=0.1, hidden=1024, shared_dim=512, interleave=True, lr_scale=0.1)
+    assert train_settings(load_config(None, ["ebr.enabled=true", "ebr.residual=true"])).ebr.residual is True
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -81,6 +81,23 @@ def test_coresets_train_with_the_real_pairs_loss(toy, tmp_path, option, real_los
         assert results["methods"]["random"][key]["mean"] == pytest.approx(sum(r[key] for r in runs) / len(runs))
 
 
+def test_a_row_whose_training_diverges_is_reported_and_the_evaluation_goes_on(toy, tmp_path, caplog):
+    """Real pairs at an absurd lr train to non-finite embeddings: their row scores 0 and says so (JSON, table, log)
+    instead of a traceback that loses the other rows; the full bound's sweep passes over the diverging lr."""
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "distill.lr_teacher=1e8",
+                                "eval.methods=[random,full]", "eval.full_lrs=[1e8,0.1]", "eval.reuse_full=false"])
+    with caplog.at_level(logging.WARNING, logger="repblend"):
+        results = evaluation.evaluate(config, tmp_path, steps.encode(config))
+    random_row, full = results["methods"]["random"], results["methods"]["full"]
+    assert random_row["diverged_seeds"] == 2 and random_row["r_mean"] == {"mean": 0.0, "std": 0.0}
+    assert "random" not in results["diagnostics"]
+    assert results["notes"]["full"]["best_lr"] == 0.1 and full["r_mean"]["mean"] > 0 and "diverged_seeds" not in full
+    assert [point["r_mean"] for point in results["notes"]["full"]["curve"] if point["lr"] == 1e8][-1] == 0.0
+    assert "Diverged in training (non-finite embeddings; such a seed scores 0): random in 2 of 2 seeds" in (
+        tmp_path / "results.md").read_text()
+    assert "eval random: training diverged (non-finite embeddings) in 2 seed(s)" in caplog.text
+
+
 def test_budget_larger_than_the_dataset_is_refused(toy, tmp_path):
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY,
                                 "distill.num_queries=25"])

@@ -195,3 +195,29 @@ def test_cuda_matches_cpu():
     cpu = retrieval_metrics(img, txt, c2i, backend="torch")
     gpu = retrieval_metrics(torch.from_numpy(img).cuda(), torch.from_numpy(txt).cuda(), c2i, backend="auto")
     assert cpu == gpu
+
+
+def test_a_diverged_seed_scores_zero_and_is_counted():
+    """A model with non-finite embeddings retrieves nothing (scored_retrieval); summarize_seeds averages it in as 0,
+    counts it, and takes diagnostics from the seeds that did not diverge only."""
+    from repblend.stages.diagnostics import DIAGNOSTICS
+    from repblend.stages.evaluate import DIVERGED, METRICS, scored_retrieval, summarize_seeds
+
+    g = torch.Generator().manual_seed(0)
+    img, txt, c2i = torch.randn(6, 4, generator=g), torch.randn(12, 4, generator=g), torch.arange(12) // 2
+
+    class Heads:  # the interface retrieval_of uses: image(), text(), eval()
+        def __init__(self, scale: float):
+            self.image = self.text = lambda x: x * scale
+
+        def eval(self):
+            return self
+
+    healthy = scored_retrieval(Heads(1.0), img, txt, c2i, "cpu")
+    assert healthy == pytest.approx(retrieval_metrics(img, txt, c2i)) and DIVERGED not in healthy
+    diverged = scored_retrieval(Heads(float("nan")), img, txt, c2i, "cpu")
+    assert diverged == dict.fromkeys(METRICS, 0.0) | {DIVERGED: 1.0}
+    summary = summarize_seeds([healthy, diverged], [dict.fromkeys(DIAGNOSTICS, 0.25), None])
+    assert summary["r_mean"]["mean"] == pytest.approx(healthy["r_mean"] / 2) and summary["diverged_seeds"] == 1
+    assert summary["diagnostics"] == {key: {"mean": 0.25, "std": 0.0} for key in DIAGNOSTICS}
+    assert "diverged_seeds" not in summarize_seeds([healthy, healthy])
