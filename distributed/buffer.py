@@ -18,6 +18,7 @@ from repblend.distributed.faults import die_once, forwarded
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
 from repblend.stages.encode import FeatureCache
+from repblend.stages.errors import RepblendError
 
 log = logging.getLogger("repblend")
 
@@ -53,7 +54,12 @@ def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCac
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             group = pending.pop(ready[0])
-            ray.get(ready[0])  # raises if the task failed after all retries
+            try:
+                ray.get(ready[0])  # raises if the task failed after all retries
+            except ray.exceptions.RayTaskError as exc:  # a user-facing error (a diverging expert): its one line
+                if isinstance(exc.cause, RepblendError):
+                    raise exc.cause from None
+                raise
             done += len(group)
             log.info("buffer: expert%s %s done (%d/%d)", "s" * (len(group) > 1), ", ".join(map(str, group)), done,
                      len(todo))

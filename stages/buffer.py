@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from repblend.stages.errors import DivergenceError
 from repblend.stages.heads import DualHeads, HeadSpec, heads_sgd
 from repblend.stages.io import write_json, write_tensors
 from repblend.stages.losses import clip_loss
@@ -123,7 +124,8 @@ def _sgd_epochs(epochs: int, n: int, batch_size: int, draw_order: Callable[[], t
             loss.backward()
             optimizer.step()
         if not math.isfinite(loss.item()):  # one host sync per epoch, not per step
-            raise FloatingPointError(f"{who} diverged: loss {loss.item()} at epoch {epoch}")
+            raise DivergenceError(f"{who} diverged: loss {loss.item()} at epoch {epoch}; lower buffer.lr_teacher_img / "
+                                  "buffer.lr_teacher_txt")
         snapshot(epoch)
 
 

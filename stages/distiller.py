@@ -21,14 +21,10 @@ from torch import nn
 from repblend.stages.buffer import Trajectory
 from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, match_tesla,
                                      match_unrolled, sample_batches)
-from repblend.stages.errors import RepblendError
+from repblend.stages.errors import DivergenceError, RepblendError
 from repblend.stages.fused import FusedMatch
 from repblend.stages.heads import HeadSpec
 from repblend.stages.io import atomic_path
-
-
-class DivergenceError(RepblendError):
-    """The distillation produced a non-finite loss or a non-positive learned learning rate."""
 
 
 @dataclass(frozen=True)

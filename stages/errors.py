@@ -28,3 +28,6 @@ class EncoderError(RepblendError):
 class CacheError(RepblendError):
     """A feature cache does not match what the config asks for."""
 
+
+class DivergenceError(RepblendError):
+    """A run's settings are unstable: a non-finite loss or gradient, or a non-positive learned learning rate."""

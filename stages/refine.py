@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from repblend.stages.errors import DivergenceError
 from repblend.stages.evaluate import TrainSettings
 from repblend.stages.heads import HeadSpec, similarity_logits
 from repblend.stages.losses import clip_loss, wbce_loss
@@ -186,7 +187,7 @@ class Refiner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if not all(torch.isfinite(p.grad).all() for p in self.optimizer.param_groups[0]["params"]):
-            raise FloatingPointError("refine: a non-finite gradient; lower refine.lr")
+            raise DivergenceError("refine: a non-finite gradient; lower refine.lr")
         self.optimizer.step()
         if self.settings.image_range is not None:
             with torch.no_grad():

@@ -121,3 +121,22 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_diverging_expert_stops_with_one_line_naming_it_and_the_lrs_to_lower(batched):
+    """R5: an expert at an absurd lr reaches a non-finite loss; the run stops with a user-facing error (no traceback
+    from the CLI) that names the expert and the settings to lower, rather than saving a useless trajectory."""
+    from repblend.stages.errors import DivergenceError, RepblendError
+
+    img, txt, c2i = _data()
+    settings = dataclasses.replace(SETTINGS, lr_img=1e8, lr_txt=1e8, weight_decay=0.1)  # each step scales W by -1e7
+    with pytest.raises(DivergenceError) as info:
+        if batched:
+            train_experts(img, txt, c2i, settings, seeds=[4, 5])
+        else:
+            train_expert(img, txt, c2i, settings, seed=4)
+    message = str(info.value)
+    assert isinstance(info.value, RepblendError) and "\n" not in message
+    assert ("experts with seeds [4, 5] diverged" if batched else "expert with seed 4 diverged") in message
+    assert "lower buffer.lr_teacher_img / buffer.lr_teacher_txt" in message

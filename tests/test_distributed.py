@@ -54,6 +54,21 @@ def test_ray_expert_groups_equal_local_groups(ray_session, toy, tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_diverging_expert_task_raises_its_own_one_line_error(ray_session, toy, tmp_path):
+    """The Ray task's DivergenceError reaches the driver as itself (the CLI prints its line), not as a RayTaskError
+    with the worker's traceback in its message."""
+    from repblend.stages.distiller import DivergenceError
+
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY,
+                                "buffer.lr_teacher_img=1e8", "buffer.lr_teacher_txt=1e8", "buffer.weight_decay=0.1"])
+    caches = steps.encode(config)
+    buffer_dir = tmp_path / "buffer"
+    with pytest.raises(DivergenceError) as info:
+        steps.buffer(config, tmp_path, caches, expert_runner(config, buffer_dir, caches))
+    assert type(info.value) is DivergenceError and "diverged: loss" in str(info.value)
+    assert "\n" not in str(info.value) and not list(buffer_dir.glob("expert_*.safetensors"))
+
+
 def test_expert_whose_worker_dies_is_retried(ray_session, toy, tmp_path, monkeypatch):
     config = _config(toy, tmp_path)
     caches = steps.encode(config)

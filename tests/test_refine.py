@@ -288,3 +288,18 @@ def test_refine_cosine_schedule_falls_to_zero_and_keys_the_length():
     constant = [load_config(None, [f"refine.iterations={n}"]) for n in (50, 100)]
     assert result_settings(constant[0]) == result_settings(constant[1])
     assert "lr_schedule" not in result_settings(constant[0])  # sets refined before the option keep their keys
+
+
+def test_a_diverging_refinement_stops_with_one_line_and_keeps_its_last_checkpoint(toy, tmp_path):
+    """R5 for refine: at an absurd Adam lr the set leaves every finite range within a few iterations; the run stops
+    with a DivergenceError naming the setting to lower, and the checkpoint of iteration 2 is still there."""
+    from repblend.stages.errors import DivergenceError
+
+    config = _config(toy, tmp_path, "refine.lr=1e30", "refine.iterations=40", "refine.ckpt_every=1")
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    steps.distill(config, tmp_path, caches)
+    with pytest.raises(DivergenceError, match=r"^refine: a non-finite gradient; lower refine.lr$"):
+        refine_step(config, tmp_path, caches)
+    kept = torch.load(tmp_path / "refine" / "checkpoint.pt", weights_only=False)
+    assert 1 <= kept["iteration"] < 40 and not steps.refined_path(tmp_path).is_file()
