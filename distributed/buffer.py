@@ -38,6 +38,18 @@ def _expert_task(config: Config, buffer_dir: str, group: list[int], caches: dict
     return [str(path) for path in steps.train_expert_files(config, Path(buffer_dir), group, caches)]
 
 
+def _drain(refs: list[ray.ObjectRef]) -> None:
+    """Cancel the other expert tasks and collect what they end with: an error nobody collects is printed, traceback
+    and all, when Ray shuts down, after the one line the failure deserves."""
+    for ref in refs:
+        ray.cancel(ref)
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
+            pass
+
+
 def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCache]):
     """A `run_experts` callable for `steps.buffer` that trains the given experts as Ray tasks."""
 
@@ -56,8 +68,9 @@ def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCac
             group = pending.pop(ready[0])
             try:
                 ray.get(ready[0])  # raises if the task failed after all retries
-            except ray.exceptions.RayTaskError as exc:  # a user-facing error (a diverging expert): its one line
-                if isinstance(exc.cause, RepblendError):
+            except ray.exceptions.RayTaskError as exc:
+                _drain(list(pending))
+                if isinstance(exc.cause, RepblendError):  # a user-facing error (a diverging expert): its one line
                     raise exc.cause from None
                 raise
             done += len(group)
