@@ -25,6 +25,7 @@ from repblend.distributed.paths import absolute
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
 from repblend.stages.encode import FeatureCache
+from repblend.stages.errors import RepblendError
 
 log = logging.getLogger("repblend")
 
@@ -100,5 +101,11 @@ def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCac
             name="train", storage_path=str(run_dir / "distill"),
             failure_config=ray.train.FailureConfig(max_failures=config.ray.max_retries),
             worker_runtime_env=forwarded(FAULT_ENV)))
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as exc:  # a user-facing error on a worker (a divergence): its one line
+        causes = [failure for failure in exc.worker_failures.values() if isinstance(failure, RepblendError)]
+        if causes:
+            raise causes[0] from None
+        raise
     return steps.synthetic_path(run_dir)

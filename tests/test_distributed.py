@@ -139,6 +139,21 @@ def test_two_train_workers_average_what_one_process_averages(ray_session, toy, t
 
 
 
+def test_a_diverging_train_worker_raises_its_own_one_line_error(ray_session, toy, tmp_path):
+    """A DivergenceError on a Ray Train worker reaches the driver as itself (the CLI prints its one line), not as a
+    WorkerGroupError carrying the workers' tracebacks."""
+    from repblend.distributed.train import distill_with_ray
+    from repblend.stages.distiller import DivergenceError
+
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, *DISTILL,
+                                "distill.lr_lr=1e6", "ray.max_retries=0"])  # the learned lr goes below 0 at once
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path, caches)
+    with pytest.raises(DivergenceError) as info:
+        distill_with_ray(config, tmp_path, caches)
+    assert type(info.value) is DivergenceError and "<= 0" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_lors_on_two_train_workers_averages_what_one_process_averages(ray_session, toy, tmp_path):
     """The LoRS baseline (the encoder itself is the image-side student) through the same Ray Train glue."""
     lors = [*DISTILL, "distill.space=pixel", "distill.mode=lors", "blend.enabled=false", "distill.lr_img=1.0"]
