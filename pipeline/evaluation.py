@@ -23,8 +23,8 @@ from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_co
 from repblend.stages.encode import FeatureCache
 from repblend.stages.ebr import EBRSettings
 from repblend.stages.diagnostics import DIAGNOSTICS
-from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, scored_retrieval, scored_run,
-                                      summarize_seeds, train_heads)
+from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, evaluate_seeds,
+                                      scored_retrieval, summarize_seeds, train_heads)
 from repblend.stages.io import file_digest, read_json, write_json, write_text
 
 INVERTED = "repblend_pixels"  # the results row of the feature set inverted to images (invert.enabled)
@@ -231,14 +231,9 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     for method in config.eval.methods:
         started = time.perf_counter()
         if method in ("random", "herding", "kcenter"):
-            runs, diagnostics = [], []
-            for seed, caption_idx in zip(seeds, _coresets(method, train, n, seeds)):
-                pairs = _real_pairs(train, caption_idx.to(device), lr0)
-                run, diagnosed = scored_run(train_heads(pairs, real_settings, seed, device), pairs, eval_features,
-                                            device, diagnose=True)
-                runs.append(run)
-                diagnostics.append(diagnosed)
-            methods[method] = summarize_seeds(runs, diagnostics)
+            draws = zip(seeds, _coresets(method, train, n, seeds))
+            methods[method] = evaluate_seeds(((seed, _real_pairs(train, idx.to(device), lr0)) for seed, idx in draws),
+                                             real_settings, eval_features, device, diagnose=True)
         elif method == "full":
             methods["full"], notes["full"] = reused_full_bound(config, caches, train, evalset, device)
             expert = _best_expert(buffer_dir_of(config, run_dir))

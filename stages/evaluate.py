@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -143,13 +143,6 @@ def scored_retrieval(heads: DualHeads, image_features: torch.Tensor, text_featur
         return dict.fromkeys(METRICS, 0.0) | {DIVERGED: 1.0}
 
 
-def scored_run(heads: DualHeads, pairs: PairSet, eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-               device: torch.device, diagnose: bool) -> tuple[dict[str, float], dict[str, float] | None]:
-    """One trained model's recall, and with `diagnose` its training set's diagnostics (None if it diverged)."""
-    run = scored_retrieval(heads, *eval_features, device)
-    return run, (set_diagnostics(heads, pairs, device) if diagnose and not run.get(DIVERGED) else None)
-
-
 def summarize_seeds(runs: list[dict[str, float]], diagnostics: list[dict[str, float] | None] | None = None) -> dict:
     """mean ± std over seeds (a diverged seed counts 0, and `diverged_seeds` says how many did); with
     `diagnostics`, theirs over the seeds that did not diverge under "diagnostics"."""
@@ -177,10 +170,17 @@ def evaluate_pairs(pairs: PairSet, settings: TrainSettings, eval_features: tuple
                    model: Callable[[], nn.Module] | None = None) -> dict[str, dict]:
     """Train once per seed on `pairs`, report retrieval on the eval split as mean +- std; with `diagnose`,
     also the set's collapse diagnostics under the "diagnostics" key (see `summarize_seeds` for diverged seeds)."""
+    return evaluate_seeds(((seed, pairs) for seed in seeds), settings, eval_features, device, diagnose, model)
+
+
+def evaluate_seeds(per_seed: Iterable[tuple[int, PairSet]], settings: TrainSettings,
+                   eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device,
+                   diagnose: bool = False, model: Callable[[], nn.Module] | None = None) -> dict[str, dict]:
+    """`evaluate_pairs` where each seed trains on a set of its own (coresets: one draw per seed)."""
     runs, diagnostics = [], []
-    for seed in seeds:
-        run, diagnosed = scored_run(train_heads(pairs, settings, seed, device, model=model), pairs, eval_features,
-                                    device, diagnose)
-        runs.append(run)
-        diagnostics.append(diagnosed)
+    for seed, pairs in per_seed:
+        heads = train_heads(pairs, settings, seed, device, model=model)
+        runs.append(scored_retrieval(heads, *eval_features, device))
+        diverged = runs[-1].get(DIVERGED)
+        diagnostics.append(set_diagnostics(heads, pairs, device) if diagnose and not diverged else None)
     return summarize_seeds(runs, diagnostics)
