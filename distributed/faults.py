@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 
-def die_once(variable: str, key: int) -> None:
+def die_once(variable: str, key: int, settle: Callable[[], object] | None = None) -> None:
+    """`settle` runs just before the death: e.g. wait until Ray Train has registered the checkpoints already
+    reported, so the restart must resume from them (a worker dying milliseconds after a report can lose it)."""
     spec = os.environ.get(variable, "")
     if not spec:
         return
     target, marker = spec.split(":", 1)
     if int(target) == key and not os.path.exists(marker):
+        if settle is not None:
+            settle()
         Path(marker).touch()
         os._exit(1)  # a dead worker, not an exception
 

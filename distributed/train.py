@@ -4,7 +4,8 @@ Every worker holds the same synthetic set and optimiser; each draws its own expe
 mini-batches, computes its matching-loss gradient, and the gradients are averaged (one all-reduce per
 iteration) before the identical update on every worker: K trajectory samples per iteration instead of one.
 Every worker reports at each checkpoint (Ray Train needs the same number of reports from all), each with its
-own state file, so a restarted group continues exactly where the last checkpoint left off (FailureConfig).
+own state file, so a restarted group continues exactly where the last checkpoint left off. The restarts are
+`distill_with_ray`'s own, not Train's FailureConfig, so that a divergence is not retried.
 Only glue: the iteration itself is the stage's `Distiller.step`.
 """
 
@@ -70,7 +71,7 @@ def _train_fn(loop: dict) -> None:
             if on_step is not None:
                 on_step(step)
             if rank == 0:
-                die_once(FAULT_ENV, step.iteration)
+                die_once(FAULT_ENV, step.iteration, settle=ray.train.get_all_reported_checkpoints)
             if step.iteration % dc.ckpt_every == 0 or step.iteration == dc.iterations:
                 with tempfile.TemporaryDirectory() as folder:
                     distiller.save(Path(folder) / _state_file(rank))
@@ -92,20 +93,35 @@ def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCac
     config, caches = absolute(config, caches, run_dir)
     ensure_ray(config.ray)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    trainer = ray.train.torch.TorchTrainer(
+    retries, attempt = config.ray.max_retries, 0
+    while True:
+        try:
+            _trainer(config, run_dir, caches, use_gpu).fit()
+            return steps.synthetic_path(run_dir)
+        except ray.train.WorkerGroupError as exc:
+            failures = list(exc.worker_failures.values())
+            causes = [failure for failure in failures if isinstance(failure, RepblendError)]
+            if causes:  # a user-facing error on a worker (a divergence) repeats on every retry: its one line, now
+                raise causes[0] from None
+            if attempt == retries:
+                raise
+            attempt += 1
+            log.warning("distill: the Ray Train worker group failed (%s); restarting it from the last checkpoint, "
+                        "retry %d of %d (ray.max_retries)", type(failures[0]).__name__ if failures else "unknown",
+                        attempt, retries)
+
+
+def _trainer(config: Config, run_dir: Path, caches: dict[str, FeatureCache],
+             use_gpu: bool) -> ray.train.torch.TorchTrainer:
+    """One attempt. Retries are the caller's, not Train's (`max_failures=0`): Train would also retry a worker's
+    deterministic error, such as a divergence, which only repeats. A new trainer with the same name and storage
+    path resumes from that run's latest reported checkpoint."""
+    return ray.train.torch.TorchTrainer(
         _train_fn,
         train_loop_config={"config": config, "run_dir": str(run_dir), "caches": caches},
         scaling_config=ray.train.ScalingConfig(num_workers=config.ray.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": config.ray.worker_cpus}),
         run_config=ray.train.RunConfig(
             name="train", storage_path=str(run_dir / "distill"),
-            failure_config=ray.train.FailureConfig(max_failures=config.ray.max_retries),
+            failure_config=ray.train.FailureConfig(max_failures=0),
             worker_runtime_env=forwarded(FAULT_ENV)))
-    try:
-        trainer.fit()
-    except ray.train.WorkerGroupError as exc:  # a user-facing error on a worker (a divergence): its one line
-        causes = [failure for failure in exc.worker_failures.values() if isinstance(failure, RepblendError)]
-        if causes:
-            raise causes[0] from None
-        raise
-    return steps.synthetic_path(run_dir)

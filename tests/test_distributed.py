@@ -1,6 +1,7 @@
 """Ray glue: experts as Ray tasks give the local buffer, and survive a worker that dies mid-buffer."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def _distill_on_two_workers_and_check(config, run_dir, caches):
     return synthetic
 
 
-def test_two_train_workers_average_what_one_process_averages(ray_session, toy, tmp_path, monkeypatch):
+def test_two_train_workers_average_what_one_process_averages(ray_session, toy, tmp_path, monkeypatch, caplog):
     from repblend.distributed.train import FAULT_ENV, distill_with_ray
 
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, *DISTILL])
@@ -129,29 +130,47 @@ def test_two_train_workers_average_what_one_process_averages(ray_session, toy, t
     marker = tmp_path / "rank0_killed_once"
     monkeypatch.setenv(FAULT_ENV, f"3:{marker}")
     steps.buffer(config, tmp_path / "killed", caches)
-    resumed = load_file(str(distill_with_ray(config, tmp_path / "killed", caches)))
+    with caplog.at_level(logging.WARNING, logger="repblend"):
+        resumed = load_file(str(distill_with_ray(config, tmp_path / "killed", caches)))
+    retries = [r.getMessage() for r in caplog.records if "restarting" in r.getMessage()]
+    assert len(retries) == 1 and retries[0].startswith("distill: the Ray Train worker group failed (")
+    assert retries[0].endswith("restarting it from the last checkpoint, retry 1 of 3 (ray.max_retries)")
     assert marker.exists(), "the fault was not injected: the test would prove nothing"
     for key in ("images", "texts", "similarity", "syn_lr_img", "syn_lr_txt"):
         torch.testing.assert_close(resumed[key], synthetic[key], rtol=0, atol=0)
     iterations = [json.loads(line)["iteration"]
                   for line in (tmp_path / "killed" / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert iterations == [1, 2, 3, 4]  # the iteration redone after the restart is logged once
+    # resumed, not restarted from scratch (which ends with the same set): iteration 2 was checkpointed only once
+    reported = [torch.load(path, weights_only=False)["iteration"]
+                for path in sorted((tmp_path / "killed" / "distill" / "train").glob("checkpoint_*/rank000.pt"))]
+    assert reported == [2, 4]
 
 
 
-def test_a_diverging_train_worker_raises_its_own_one_line_error(ray_session, toy, tmp_path):
+def test_a_diverging_train_worker_raises_its_own_one_line_error(ray_session, toy, tmp_path, monkeypatch):
     """A DivergenceError on a Ray Train worker reaches the driver as itself (the CLI prints its one line), not as a
-    WorkerGroupError carrying the workers' tracebacks."""
-    from repblend.distributed.train import distill_with_ray
+    WorkerGroupError carrying the workers' tracebacks; and at once: a retry would only diverge again."""
+    from repblend.distributed import train
     from repblend.stages.distiller import DivergenceError
 
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, *DISTILL,
-                                "distill.lr_lr=1e6", "ray.max_retries=0"])  # the learned lr goes below 0 at once
+                                "distill.lr_lr=1e6", "ray.max_retries=3"])  # the learned lr goes below 0 at once
     caches = steps.encode(config)
     steps.buffer(config, tmp_path, caches)
+    attempts = []
+
+    def counted(*args):
+        trainer = build_trainer(*args)
+        attempts.append(trainer.run_config.failure_config.max_failures)
+        return trainer
+
+    build_trainer = train._trainer
+    monkeypatch.setattr(train, "_trainer", counted)
     with pytest.raises(DivergenceError) as info:
-        distill_with_ray(config, tmp_path, caches)
+        train.distill_with_ray(config, tmp_path, caches)
     assert type(info.value) is DivergenceError and "<= 0" in str(info.value) and "\n" not in str(info.value)
+    assert attempts == [0]  # one group, which Train itself does not restart either
 
 
 def test_lors_on_two_train_workers_averages_what_one_process_averages(ray_session, toy, tmp_path):
