@@ -53,7 +53,8 @@ def test_kill_during_distill_then_rerun_matches_uninterrupted(tmp_path):
     stopped_at = torch.load(checkpoint, weights_only=False)["iteration"]
     assert 0 < stopped_at < 200
 
-    subprocess.run(_command(toy, cache, killed), check=True, capture_output=True)
+    rerun = subprocess.run(_command(toy, cache, killed), check=True, capture_output=True, text=True)
+    assert f"distill: resuming from iteration {stopped_at} " in rerun.stderr  # not from scratch, which ends equal
     _assert_same_tensors(straight / "distill" / "synthetic.safetensors", killed / "distill" / "synthetic.safetensors")
 
 
@@ -71,7 +72,9 @@ def test_kill_during_buffer_then_rerun_matches_uninterrupted(tmp_path):
     done = sorted(p.name for p in (killed / "buffer").glob("expert_*.safetensors"))
     assert 0 < len(done) < 8 and not (killed / "buffer" / "index.json").exists(), done
 
+    kept = {name: (killed / "buffer" / name).stat().st_mtime_ns for name in done}
     subprocess.run(_command(toy, cache, killed, "buffer", args), check=True, capture_output=True)
+    assert {name: (killed / "buffer" / name).stat().st_mtime_ns for name in done} == kept  # not retrained
     for k in range(8):
         name = f"expert_{k:03d}.safetensors"
         _assert_same_tensors(straight / "buffer" / name, killed / "buffer" / name)
