@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ray
 
-from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.cluster import ensure_ray, require_resources
 from repblend.distributed.faults import die_once, forwarded
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
@@ -58,6 +58,8 @@ def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCac
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         options = {"num_cpus": config.ray.expert_cpus, "num_gpus": config.ray.expert_gpus if has_gpus else 0,
                    "max_retries": config.ray.max_retries}
+        require_resources(config.ray, {"CPU": options["num_cpus"], "GPU": options["num_gpus"]}, "an expert task",
+                          "ray.expert_cpus or ray.expert_gpus")
         if forwarded(FAULT_ENV):
             options["runtime_env"] = forwarded(FAULT_ENV)
         pending = {_expert_task.options(**options).remote(config, str(buffer_dir), group, caches): group

@@ -18,6 +18,25 @@ from repblend.stages.errors import ConfigError
 log = logging.getLogger("repblend")
 
 
+def _embedded(config: RayConfig) -> bool:
+    return not (config.address or os.environ.get("RAY_ADDRESS", ""))
+
+
+def require_resources(config: RayConfig, demand: dict[str, float], what: str, lower: str) -> None:
+    """Ray waits, silently or with a traceback a minute, for resources no node has. On the embedded Ray, whose
+    resources are fixed, that wait is forever: refuse it in one line instead. An attached cluster may still grow
+    (autoscaling), so there it is a warning."""
+    have = ray.cluster_resources()
+    short = [f"{amount:g} {name} (the cluster has {have.get(name, 0):g})" for name, amount in demand.items()
+             if amount > have.get(name, 0) + 1e-9]
+    if not short:
+        return
+    message = f"{what} needs {', '.join(short)}"
+    if _embedded(config):
+        raise ConfigError(f"{message}; lower {lower}, or give the local Ray more with ray.num_cpus / ray.num_gpus")
+    log.warning("%s: Ray waits until the cluster has them (autoscaling)", message)
+
+
 def ensure_ray(config: RayConfig) -> dict[str, float]:
     """Initialise Ray once per process and return the cluster's resources."""
     if not ray.is_initialized():

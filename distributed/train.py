@@ -20,7 +20,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.cluster import ensure_ray, require_resources
 from repblend.distributed.faults import die_once, forwarded
 from repblend.distributed.paths import absolute
 from repblend.pipeline import steps
@@ -93,6 +93,10 @@ def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCac
     config, caches = absolute(config, caches, run_dir)
     ensure_ray(config.ray)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    workers = config.ray.workers
+    require_resources(config.ray, {"CPU": workers * config.ray.worker_cpus, **({"GPU": workers} if use_gpu else {})},
+                      f"distillation on ray.workers={workers} (ray.worker_cpus={config.ray.worker_cpus:g} each"
+                      f"{', one GPU each' if use_gpu else ''})", "ray.workers or ray.worker_cpus")
     retries, attempt = config.ray.max_retries, 0
     while True:
         try:

@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from repblend.distributed.buffer import expert_runner
-from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.cluster import ensure_ray, require_resources
 from repblend.distributed.encode import images_encoder_for
 from repblend.distributed.paths import absolute
 from repblend.pipeline import evaluation, steps
@@ -83,12 +83,18 @@ def _concurrency(config: Config) -> int:
     return max(1, int(resources.get("CPU", 1) // config.tune.trial_cpus))
 
 
-def _tuner(config: Config, caches: dict[str, FeatureCache], tune_dir: Path) -> tune.Tuner:
+def _trial_resources(config: Config) -> dict[str, float]:
+    """One trial's resources, checked against the cluster before any work (an infeasible trial waits forever)."""
+    trial_gpus = config.tune.trial_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    require_resources(config.ray, {"CPU": config.tune.trial_cpus, "GPU": trial_gpus}, "a Tune trial",
+                      "tune.trial_cpus or tune.trial_gpus")
+    return {"cpu": config.tune.trial_cpus, "gpu": trial_gpus}
+
+
+def _tuner(config: Config, caches: dict[str, FeatureCache], tune_dir: Path, resources: dict[str, float]) -> tune.Tuner:
     space, default = search_space(config)
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, config=config, caches=caches, tune_dir=str(tune_dir)),
-        {"cpu": config.tune.trial_cpus, "gpu": config.tune.trial_gpus if has_gpus else 0})
+        tune.with_parameters(_trial, config=config, caches=caches, tune_dir=str(tune_dir)), resources)
     experiment = tune_dir / "experiment"
     if tune.Tuner.can_restore(str(experiment)):  # a killed search continues where it stopped
         log.info("tune: resuming the search in %s", experiment)
@@ -147,8 +153,9 @@ def run_tune(config: Config, run_dir: Path) -> dict:
     steps.check_budget(config, caches)
     config, caches = absolute(config, caches, run_dir, buffer_dir=run_dir / "buffer")
     ensure_ray(config.ray)
+    resources = _trial_resources(config)
     steps.buffer(config, run_dir, caches, expert_runner(config, run_dir / "buffer", caches))
-    grid = _tuner(config, caches, run_dir).fit()
+    grid = _tuner(config, caches, run_dir, resources).fit()
     max_reports = config.tune.short_iterations // config.tune.report_every
     rows = _trial_rows(grid, max_reports)
     scored = [r for r in rows if r["val_r_mean"] is not None]

@@ -242,3 +242,29 @@ def test_ray_data_encodes_webdataset_shards_like_local(ray_session, toy, tmp_pat
     a, b = local["train"].load(), remote["train"].load()
     torch.testing.assert_close(b.image_features, a.image_features, rtol=1e-3, atol=1e-3)
     assert b.image_ids == a.image_ids
+
+
+def test_more_than_the_local_ray_has_is_refused_in_one_line_not_waited_for(ray_session, toy, tmp_path, caplog):
+    """Ray waits forever for resources no node has (Train retries its worker-group start every minute, an
+    infeasible task just sits): on the embedded Ray, whose 2 CPUs are all there will be, each request is refused."""
+    from repblend.distributed.cluster import require_resources
+    from repblend.distributed.train import distill_with_ray
+    from repblend.pipeline.config import RayConfig
+    from repblend.stages.errors import ConfigError
+
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, *DISTILL,
+                                "ray.workers=3", "ray.worker_cpus=1"])
+    caches = steps.encode(config)
+    with pytest.raises(ConfigError, match=r"^distillation on ray.workers=3 \(ray.worker_cpus=1 each\) needs 3 CPU "
+                                          r"\(the cluster has 2\); lower ray.workers or ray.worker_cpus"):
+        distill_with_ray(config, tmp_path, caches)
+    assert not (tmp_path / "distill" / "train").exists()  # no Train run was started
+
+    experts = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "ray.expert_cpus=2.5"])
+    with pytest.raises(ConfigError, match=r"^an expert task needs 2.5 CPU \(the cluster has 2\); lower ray.expert_cpus"):
+        expert_runner(experts, tmp_path / "buffer", caches)([0, 1])
+
+    require_resources(RayConfig(), {"CPU": 2, "GPU": 0}, "exactly what there is", "nothing")  # fits: no error
+    with caplog.at_level(logging.WARNING, logger="repblend"):  # an attached cluster may grow: warned, not refused
+        require_resources(RayConfig(address="auto"), {"CPU": 8}, "a big task", "it")
+    assert "a big task needs 8 CPU (the cluster has 2): Ray waits until the cluster has them" in caplog.text

@@ -53,3 +53,15 @@ def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_p
     # the val images were held out of training: the train cache holds 24 of the 30 training images
     train_manifest = json.loads(next((tmp_path / "c").glob("train*.json")).read_text())
     assert train_manifest["num_images"] == 24
+
+
+@pytest.mark.ray
+def test_a_trial_larger_than_the_local_ray_is_refused_before_any_expert_trains(ray_session, tmp_path, capsys):
+    toy = make_toy_dataset(tmp_path / "toy", n_train=30, n_dev=8, size=32)
+    run_dir = tmp_path / "run"
+    code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={toy}", f"cache.dir={tmp_path / 'c'}",
+                 "--run-dir", str(run_dir), *TINY, "data.val_images=6", "tune.trial_cpus=3"])
+    assert code == 2
+    assert ("a Tune trial needs 3 CPU (the cluster has 2); lower tune.trial_cpus or tune.trial_gpus"
+            in capsys.readouterr().err)
+    assert not list(run_dir.glob("buffer/expert_*"))
