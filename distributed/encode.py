@@ -14,7 +14,7 @@ import numpy as np
 import ray
 import torch
 
-from repblend.distributed.cluster import ensure_ray
+from repblend.distributed.cluster import ensure_ray, require_resources
 from repblend.distributed.faults import die_once, forwarded
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
@@ -68,6 +68,11 @@ def image_encoder_with_ray_data(config: Config):
         preprocess = steps.build_image_encoder(config, torch.device("cpu")).preprocess
         gpus = ray.cluster_resources().get("GPU", 0)
         actors = config.ray.encode_actors or max(1, int(gpus))
+        # each encoder actor holds a CPU (and a GPU where there are GPUs) for good, and decoding needs one more CPU:
+        # short of that, the pool starts, decoding never does, and the dataset waits forever
+        require_resources(config.ray, {"CPU": actors + 1, **({"GPU": actors} if gpus else {})},
+                          f"Ray Data encoding with {actors} encoder actor{'s' * (actors > 1)} (one CPU"
+                          f"{' and one GPU' if gpus else ''} each, and a CPU to decode)", "ray.encode_actors")
         items = [{"index": i, "path": r.path} for i, r in enumerate(table.records)]
         batch_size = config.encoders.image_batch_size
         ds = ray.data.from_items(items)

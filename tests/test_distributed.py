@@ -264,6 +264,14 @@ def test_more_than_the_local_ray_has_is_refused_in_one_line_not_waited_for(ray_s
     with pytest.raises(ConfigError, match=r"^an expert task needs 2.5 CPU \(the cluster has 2\); lower ray.expert_cpus"):
         expert_runner(experts, tmp_path / "buffer", caches)([0, 1])
 
+    from repblend.distributed.encode import image_encoder_with_ray_data  # 2 actors hold both CPUs: nothing decodes
+
+    encode = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'other'}", *TINY, "ray.data_encode=true",
+                                "ray.encode_actors=2"])
+    with pytest.raises(ConfigError, match=r"^Ray Data encoding with 2 encoder actors \(one CPU each, and a CPU to "
+                                          r"decode\) needs 3 CPU \(the cluster has 2\); lower ray.encode_actors"):
+        steps.encode(encode, encode_images_with=image_encoder_with_ray_data(encode))
+
     require_resources(RayConfig(), {"CPU": 2, "GPU": 0}, "exactly what there is", "nothing")  # fits: no error
     with caplog.at_level(logging.WARNING, logger="repblend"):  # an attached cluster may grow: warned, not refused
         require_resources(RayConfig(address="auto"), {"CPU": 8}, "a big task", "it")
