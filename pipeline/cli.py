@@ -61,9 +61,10 @@ def _setup_logging() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
-        from repblend.pipeline.report import pixel_sources, write_report
+        from repblend.pipeline.report import pixel_sources, require_run_dir, write_report
 
         run_dir = Path(args.run_dir_pos)
+        require_run_dir(run_dir)
         print(write_report(run_dir, *pixel_sources(run_dir)))
         return 0
 

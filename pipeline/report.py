@@ -148,12 +148,23 @@ def pixel_sources(run_dir: Path):
         return None, None
 
 
+RUN_MARKS = ("config.yaml", "stages.json", "results.json", "distill", "refine")  # what any run leaves behind
+
+
+def require_run_dir(run_dir: Path) -> None:
+    """Refuse a folder no run wrote (e.g. `runs/` instead of `runs/demo`): a report there would be empty."""
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: no run directory here")
+    if not any((run_dir / mark).exists() for mark in RUN_MARKS):
+        raise DataError(f"{run_dir}: not a run directory (none of {', '.join(RUN_MARKS)}); give the --run-dir of "
+                        "a run, e.g. runs/demo")
+
+
 def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
     """Render RUN_DIR/report/report.md and its plots. `initial_pixels(index)` and `denormalize` (pixel space)
     come from the caller, which knows the dataset and encoder."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DataError(f"{run_dir}: no run directory here")
+    require_run_dir(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# repblend report: {run_dir.name}", ""]

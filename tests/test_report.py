@@ -45,7 +45,12 @@ def test_report_renders_tables_and_plots(tmp_path, space, capsys):
 
 def test_report_of_a_missing_run_names_it(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
-    assert "nowhere: no run directory here" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nowhere: no run directory here" in err and "WARNING" not in err
+    (tmp_path / "runs" / "demo").mkdir(parents=True)  # the parent of a run, not a run: refused, nothing written
+    assert main(["report", str(tmp_path / "runs")]) == 2
+    assert "runs: not a run directory (none of config.yaml, stages.json" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "report").exists()
 
 
 def test_report_counts_the_spike_guards_actions(tmp_path):
