@@ -522,6 +522,8 @@ def _friendly(exc: OmegaConfBaseException, origin: str) -> ConfigError:
         return ConfigError(f"{origin}: unknown config key '{key}'{hint}")
     if isinstance(exc, ValidationError) and key:
         message = str(exc).splitlines()[0]
+        if "is not a ListConfig" in message:  # OmegaConf's words for "a list was expected"
+            message = "a list is expected, such as [a,b] or []"
         return ConfigError(f"{origin}: bad value for '{key}': {message}")
     return ConfigError(f"{origin}: {str(exc).splitlines()[0]}")
 

@@ -75,6 +75,7 @@ def test_override_beats_file(tmp_path):
         (["distill.syn_lr_img_max=-0.1"], "distill.syn_lr_img_max=-0.1 must be >= 0"),
         (["distill.syn_lr_txt_max=0.001"], "distill.syn_lr_txt_max=0.001 must be above distill.lr_floor=0.001"),
         (["justakey"], "'justakey' is not of the form key=value"),
+        (["eval.methods=random"], "bad value for 'eval.methods': a list is expected, such as [a,b] or []"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, needle):
