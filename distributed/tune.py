@@ -140,6 +140,9 @@ def _final(config: Config, params: dict, run_dir: Path, caches: dict[str, Featur
 
 def run_tune(config: Config, run_dir: Path) -> dict:
     """Encode (before any Ray work), buffer, search, rerun best and default at full length; write the tables."""
+    if not config.ray.enabled:
+        raise ConfigError("repblend tune runs its trials on Ray: drop ray.enabled=false (ray.address picks the "
+                          "cluster; an embedded local Ray by default)")
     run_dir = run_dir.resolve()
     data = config.data
     try:

@@ -32,6 +32,14 @@ def test_tune_needs_a_validation_split(tmp_path, capsys):
     assert "split 'val' is empty or absent" in err and "data.val_images=N" in err
 
 
+def test_tune_refuses_to_run_without_ray(tmp_path, capsys):
+    code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={tmp_path / 'none'}",
+                 "--run-dir", str(tmp_path / "run"), *TINY, "ray.enabled=false"])
+    assert code == 2
+    assert "repblend tune runs its trials on Ray: drop ray.enabled=false" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "buffer").exists()
+
+
 @pytest.mark.ray
 def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_path, capsys):
     toy = make_toy_dataset(tmp_path / "toy", n_train=30, n_dev=8, size=32)
