@@ -91,7 +91,8 @@ def _trial_resources(config: Config) -> dict[str, float]:
     return {"cpu": config.tune.trial_cpus, "gpu": trial_gpus}
 
 
-def _tuner(config: Config, caches: dict[str, FeatureCache], tune_dir: Path, resources: dict[str, float]) -> tune.Tuner:
+def _tuner(config: Config, caches: dict[str, FeatureCache], tune_dir: Path,
+           resources: dict[str, float]) -> tune.Tuner:
     space, default = search_space(config)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, config=config, caches=caches, tune_dir=str(tune_dir)), resources)
