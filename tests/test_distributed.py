@@ -261,7 +261,8 @@ def test_more_than_the_local_ray_has_is_refused_in_one_line_not_waited_for(ray_s
     assert not (tmp_path / "distill" / "train").exists()  # no Train run was started
 
     experts = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "ray.expert_cpus=2.5"])
-    with pytest.raises(ConfigError, match=r"^an expert task needs 2.5 CPU \(the cluster has 2\); lower ray.expert_cpus"):
+    with pytest.raises(ConfigError,
+                       match=r"^an expert task needs 2.5 CPU \(the cluster has 2\); lower ray.expert_cpus"):
         expert_runner(experts, tmp_path / "buffer", caches)([0, 1])
 
     from repblend.distributed.encode import image_encoder_with_ray_data  # 2 actors hold both CPUs: nothing decodes
