@@ -8,12 +8,11 @@ files by each worker (once per worker process).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import ray
 
-from repblend.distributed.cluster import ensure_ray, require_resources
+from repblend.distributed.cluster import ensure_ray, require_resources, worker_logging
 from repblend.distributed.faults import die_once, forwarded
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
@@ -29,9 +28,7 @@ FAULT_ENV = "REPBLEND_FAULT_EXPERT"  # "k:marker": expert k's first attempt kill
 def _expert_task(config: Config, buffer_dir: str, group: list[int], caches: dict[str, FeatureCache]) -> list[str]:
     import torch
 
-    if not logging.getLogger().handlers:  # worker processes start without the driver's logging setup
-        logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s",
-                            datefmt="%H:%M:%S")
+    worker_logging()
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     for k in group:
         die_once(FAULT_ENV, k)

@@ -18,6 +18,13 @@ from repblend.stages.errors import ConfigError
 log = logging.getLogger("repblend")
 
 
+def worker_logging() -> None:
+    """The CLI's log format in a Ray worker process, which starts without the driver's logging setup."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s",
+                            datefmt="%H:%M:%S")
+
+
 def _embedded(config: RayConfig) -> bool:
     return not (config.address or os.environ.get("RAY_ADDRESS", ""))
 

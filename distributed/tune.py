@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from repblend.distributed.buffer import expert_runner
-from repblend.distributed.cluster import ensure_ray, require_resources
+from repblend.distributed.cluster import ensure_ray, require_resources, worker_logging
 from repblend.distributed.encode import images_encoder_for
 from repblend.distributed.paths import absolute
 from repblend.pipeline import evaluation, steps
@@ -139,6 +139,32 @@ def _final(config: Config, params: dict, run_dir: Path, caches: dict[str, Featur
     return evaluation.evaluate(full, run_dir, caches)["methods"]["repblend"]
 
 
+@ray.remote
+def _final_task(config: Config, params: dict, run_dir: str, caches: dict[str, FeatureCache]) -> dict:
+    """`_final` where a trial would run (a GPU node, not the driver's head node), with a trial's resources."""
+    import torch
+
+    worker_logging()
+    torch.set_num_threads(max(1, int(config.tune.trial_cpus)))
+    return _final(config, params, Path(run_dir), caches)
+
+
+def _finals(config: Config, runs: dict[str, dict], run_dir: Path, caches: dict[str, FeatureCache],
+            resources: dict[str, float]) -> dict[str, dict]:
+    """The full-length reruns (label -> params), side by side as Ray tasks; a user-facing error comes back as
+    its own line."""
+    task = _final_task.options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
+    refs = {label: task.remote(config, params, str(run_dir / label), caches) for label, params in runs.items()}
+    try:
+        return {label: ray.get(ref) for label, ref in refs.items()}
+    except ray.exceptions.RayTaskError as exc:
+        for ref in refs.values():
+            ray.cancel(ref)
+        if isinstance(exc.cause, RepblendError):
+            raise exc.cause from None
+        raise
+
+
 def run_tune(config: Config, run_dir: Path) -> dict:
     """Encode (before any Ray work), buffer, search, rerun best and default at full length; write the tables."""
     if not config.ray.enabled:
@@ -173,9 +199,9 @@ def run_tune(config: Config, run_dir: Path) -> dict:
                "trials": rows, "best_params": best_params, "default_params": default, "final": {}}
     write_text(run_dir / "best_config.yaml", to_yaml(with_params(config, best_params)))
     _write(run_dir, results)  # the search is on disk before the long reruns start
-    results["final"]["default"] = _final(config, default, run_dir / "default", caches)
-    results["final"]["best"] = (results["final"]["default"] if best_params == default
-                                else _final(config, best_params, run_dir / "best", caches))
+    finals = _finals(config, {"default": default, **({"best": best_params} if best_params != default else {})},
+                     run_dir, caches, resources)
+    results["final"] = {"default": finals["default"], "best": finals.get("best", finals["default"])}
     _write(run_dir, results)
     return results
 

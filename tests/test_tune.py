@@ -73,3 +73,16 @@ def test_a_trial_larger_than_the_local_ray_is_refused_before_any_expert_trains(r
     assert ("a Tune trial needs 3 CPU (the cluster has 2); lower tune.trial_cpus or tune.trial_gpus"
             in capsys.readouterr().err)
     assert not list(run_dir.glob("buffer/expert_*"))
+
+
+@pytest.mark.ray
+def test_the_full_length_reruns_are_ray_tasks_whose_errors_come_back_as_one_line(ray_session, tmp_path):
+    from repblend.distributed.tune import _finals
+    from repblend.pipeline import steps
+    from repblend.stages.errors import ConfigError
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=12, n_dev=8, size=32)
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'c'}", *TINY, "distill.num_queries=20"])
+    caches = steps.encode(config)
+    with pytest.raises(ConfigError, match=r"^distill.num_queries=20 exceeds the 12 training images"):
+        _finals(config, {"default": {"beta_a": 1.0, "beta_b": 1.0}}, tmp_path, caches, {"cpu": 1, "gpu": 0})
