@@ -44,6 +44,16 @@ def require_resources(config: RayConfig, demand: dict[str, float], what: str, lo
     log.warning("%s: Ray waits until the cluster has them (autoscaling)", message)
 
 
+def quiet_state_api_users() -> None:
+    """A worker-process setup hook for the embedded Ray, which runs without the dashboard and so without Ray's State
+    API. Train's placement-group cleaner (an internal actor) asks that API about the controller every second. It
+    finds the cluster by auto-detection, which fails with a traceback when a second embedded Ray runs on the machine
+    (two repblend commands at once), and otherwise it warns once a second for as long as the Train run lasts. Point
+    it at its own cluster, and keep its errors only: the missing API is expected here, not news."""
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def ensure_ray(config: RayConfig) -> dict[str, float]:
     """Initialise Ray once per process and return the cluster's resources."""
     if not ray.is_initialized():
@@ -58,6 +68,7 @@ def ensure_ray(config: RayConfig) -> dict[str, float]:
                 raise ConfigError(f"ray.address={address}: no Ray cluster to attach to ({exc})") from exc
         else:
             ray.init(address="local", num_cpus=config.num_cpus or None, num_gpus=config.num_gpus or None,
-                     include_dashboard=False, log_to_driver=True)
+                     include_dashboard=False, log_to_driver=True,
+                     runtime_env={"worker_process_setup_hook": quiet_state_api_users})
         log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
     return ray.cluster_resources()

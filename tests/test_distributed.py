@@ -148,7 +148,7 @@ def test_two_train_workers_average_what_one_process_averages(ray_session, toy, t
 
 
 
-def test_a_diverging_train_worker_raises_its_own_one_line_error(ray_session, toy, tmp_path, monkeypatch):
+def test_a_diverging_train_worker_raises_its_own_one_line_error(ray_session, toy, tmp_path, monkeypatch, capfd):
     """A DivergenceError on a Ray Train worker reaches the driver as itself (the CLI prints its one line), not as a
     WorkerGroupError carrying the workers' tracebacks; and at once: a retry would only diverge again."""
     from repblend.distributed import train
@@ -171,6 +171,9 @@ def test_a_diverging_train_worker_raises_its_own_one_line_error(ray_session, toy
         train.distill_with_ray(config, tmp_path, caches)
     assert type(info.value) is DivergenceError and "<= 0" in str(info.value) and "\n" not in str(info.value)
     assert attempts == [0]  # one group, which Train itself does not restart either
+    # Train's placement-group cleaner, without the State API of a dashboard, warned once a second throughout
+    captured = capfd.readouterr()
+    assert "PlacementGroupCleaner" not in captured.out + captured.err
 
 
 def test_lors_on_two_train_workers_averages_what_one_process_averages(ray_session, toy, tmp_path):
