@@ -456,3 +456,19 @@ def test_lors_eval_stability_small(tmp_path, capsys):
     assert (tmp_path / "study.json").is_file() and (tmp_path / "study.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         module.main([str(tmp_path / "missing.safetensors"), *overrides])
+
+
+@pytest.mark.ray
+def test_bench_train_workers_small(ray_session, tmp_path, capsys):  # one K: a Train start costs ~20 s here
+    from repblend.stages.toydata import make_toy_dataset
+    from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
+    rows = _load("train_workers").main([
+        "--config", str(ROOT / "configs" / "flickr8k_100.yaml"), "--workers", "2", "--worker-cpus", "0.5",
+        "--iterations", "4", "--warmup", "1", "--out", str(tmp_path / "runs"), f"data.root={toy}",
+        f"cache.dir={tmp_path / 'cache'}", "distill.space=feature", *TINY_ENCODERS, *TINY_PROBLEM, *STABLE_LRS])
+    out = capsys.readouterr().out
+    assert "| workers | s/iteration |" in out and "all-reduce payload" in out
+    assert [r["workers"] for r in rows] == [2] and rows[0]["seconds"] > 0 and rows[0]["per_worker"] == 1
+    assert (tmp_path / "runs" / "workers2" / "distill" / "synthetic.safetensors").is_file()
