@@ -12,8 +12,12 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from repblend.stages.errors import ConfigError, RepblendError
+
+if TYPE_CHECKING:
+    from repblend.pipeline.config import Config
 
 log = logging.getLogger("repblend")
 
@@ -68,9 +72,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(write_report(run_dir, *pixel_sources(run_dir)))
         return 0
 
-    from repblend.pipeline import evaluation, steps
+    from repblend.pipeline import steps
     from repblend.pipeline.config import load_config, to_yaml
-    from repblend.pipeline.rundir import mark_stage_done, prepare_run_dir
+    from repblend.pipeline.rundir import default_run_dir, prepare_run_dir, run_dir_lock
 
     config = load_config(args.config, args.overrides)
     if args.command == "validate":
@@ -88,8 +92,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {len(shards)} shards to {args.out}")
         return 0
 
-    run_dir = prepare_run_dir(config, args.run_dir, args.command)
-    log.info("run directory: %s", run_dir)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+    with run_dir_lock(run_dir, args.command):
+        prepare_run_dir(config, run_dir, args.command)
+        log.info("run directory: %s", run_dir)
+        return _run(args, config, run_dir)
+
+
+def _run(args: argparse.Namespace, config: Config, run_dir: Path) -> int:
+    """The command's stages in RUN_DIR, which it holds."""
+    from repblend.pipeline import evaluation, steps
+    from repblend.pipeline.rundir import mark_stage_done
+
     if args.command == "tune":
         from repblend.distributed.tune import run_tune
 

@@ -6,16 +6,21 @@ result found on disk later can be traced to exactly what produced it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import importlib.metadata
+import os
 import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from repblend.pipeline.config import Config, to_yaml
 from repblend.pipeline.hostmem import malloc_mode
+from repblend.stages.errors import BusyError
 from repblend.stages.io import read_json, write_json, write_text
 
 _PACKAGES = ("repblend", "torch", "torchvision", "timm", "transformers", "ray", "faiss-cpu", "open_clip_torch",
@@ -45,6 +50,27 @@ def _git_commit() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() or None
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
+    """One command at a time in a run directory: a second one (the same command started twice, or `eval` while
+    `run` distils) would interleave checkpoints, metrics rows and results. The lock is the kernel's (flock on
+    RUN_DIR/.lock), so a killed command never leaves it held."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BusyError(f"{run_dir} is in use by {holder}; wait for it to finish, or give another --run-dir") \
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"repblend {command} (pid {os.getpid()} on {socket.gethostname()})\n")
+        handle.flush()
+        yield
 
 
 def prepare_run_dir(config: Config, run_dir: str | Path | None, command: str) -> Path:

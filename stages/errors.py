@@ -31,3 +31,7 @@ class CacheError(RepblendError):
 
 class DivergenceError(RepblendError):
     """A run's settings are unstable: a non-finite loss or gradient, or a non-positive learned learning rate."""
+
+
+class BusyError(RepblendError):
+    """A run directory is in use by another command (two would interleave checkpoints, metrics and results)."""

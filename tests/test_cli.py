@@ -89,6 +89,32 @@ def test_encode_records_config_versions_and_seeds(tmp_path, capsys):
     assert set(stages["encode"]) >= {"train", "dev", "finished"}
 
 
+def test_a_run_directory_in_use_is_refused_and_freed_when_its_holder_dies(tmp_path, capsys):
+    import os
+    import signal
+
+    from repblend.pipeline.rundir import run_dir_lock
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=8, n_dev=4, size=32)
+    run_dir = tmp_path / "run"
+    argv = ["encode", "--config", str(ROOT / "configs/flickr8k_100.yaml"), f"data.root={toy}",
+            f"cache.dir={tmp_path / 'cache'}", "--run-dir", str(run_dir), *TINY]
+    with run_dir_lock(run_dir, "run"):  # another command holds it
+        assert main(argv) == 2
+        assert f"{run_dir} is in use by repblend run (pid {os.getpid()} on " in capsys.readouterr().err
+        assert not (run_dir / "config.yaml").exists()  # the holder's record is not overwritten
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from repblend.pipeline.rundir import run_dir_lock\n"
+                               f"with run_dir_lock(Path({str(run_dir)!r}), 'distill'):\n"
+                               "    print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert main(argv) == 2 and "is in use by repblend distill" in capsys.readouterr().err
+    os.kill(holder.pid, signal.SIGKILL)  # a killed command leaves no stale lock behind
+    holder.wait()
+    assert main(argv) == 0 and (run_dir / "config.yaml").is_file()
+
+
 def test_convert_writes_shards_that_read_back(tmp_path, capsys):
     toy = make_toy_dataset(tmp_path / "toy", n_train=6, n_dev=3, size=32)
     out_dir = tmp_path / "shards"
