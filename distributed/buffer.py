@@ -12,12 +12,11 @@ from pathlib import Path
 
 import ray
 
-from repblend.distributed.cluster import ensure_ray, require_resources, worker_logging
+from repblend.distributed.cluster import ensure_ray, raise_task_failure, require_resources, worker_logging
 from repblend.distributed.faults import die_once, forwarded
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
 from repblend.stages.encode import FeatureCache
-from repblend.stages.errors import RepblendError
 
 log = logging.getLogger("repblend")
 
@@ -33,18 +32,6 @@ def _expert_task(config: Config, buffer_dir: str, group: list[int], caches: dict
     for k in group:
         die_once(FAULT_ENV, k)
     return [str(path) for path in steps.train_expert_files(config, Path(buffer_dir), group, caches)]
-
-
-def _drain(refs: list[ray.ObjectRef]) -> None:
-    """Cancel the other expert tasks and collect what they end with: an error nobody collects is printed, traceback
-    and all, when Ray shuts down, after the one line the failure deserves."""
-    for ref in refs:
-        ray.cancel(ref)
-    for ref in refs:
-        try:
-            ray.get(ref)
-        except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
-            pass
 
 
 def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCache]):
@@ -67,11 +54,8 @@ def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCac
             group = pending.pop(ready[0])
             try:
                 ray.get(ready[0])  # raises if the task failed after all retries
-            except ray.exceptions.RayTaskError as exc:
-                _drain(list(pending))
-                if isinstance(exc.cause, RepblendError):  # a user-facing error (a diverging expert): its one line
-                    raise exc.cause from None
-                raise
+            except ray.exceptions.RayTaskError as exc:  # a diverging expert, say: its one line
+                raise_task_failure(exc, pending)
             done += len(group)
             log.info("buffer: expert%s %s done (%d/%d)", "s" * (len(group) > 1), ", ".join(map(str, group)), done,
                      len(todo))

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
+from typing import NoReturn
 
 import ray
 
 from repblend.pipeline.config import RayConfig
-from repblend.stages.errors import ConfigError
+from repblend.stages.errors import ConfigError, RepblendError
 
 log = logging.getLogger("repblend")
 
@@ -21,8 +23,25 @@ log = logging.getLogger("repblend")
 def worker_logging() -> None:
     """The CLI's log format in a Ray worker process, which starts without the driver's logging setup."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s",
-                            datefmt="%H:%M:%S")
+        logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"),
+                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def raise_task_failure(failure: ray.exceptions.RayTaskError, others: Iterable[ray.ObjectRef]) -> NoReturn:
+    """After one of several tasks failed: cancel and collect the others (an error nobody collects is printed,
+    traceback and all, when Ray shuts down, after the one line the failure deserves), then raise the failure,
+    a user-facing one (a divergence, a bad setting) as itself rather than wrapped in the worker's traceback."""
+    refs = list(others)
+    for ref in refs:
+        ray.cancel(ref)
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
+            pass
+    if isinstance(failure.cause, RepblendError):
+        raise failure.cause from None
+    raise failure
 
 
 def _embedded(config: RayConfig) -> bool:

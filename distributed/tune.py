@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from repblend.distributed.buffer import expert_runner
-from repblend.distributed.cluster import ensure_ray, require_resources, worker_logging
+from repblend.distributed.cluster import ensure_ray, raise_task_failure, require_resources, worker_logging
 from repblend.distributed.encode import images_encoder_for
 from repblend.distributed.paths import absolute
 from repblend.pipeline import evaluation, steps
@@ -158,11 +158,7 @@ def _finals(config: Config, runs: dict[str, dict], run_dir: Path, caches: dict[s
     try:
         return {label: ray.get(ref) for label, ref in refs.items()}
     except ray.exceptions.RayTaskError as exc:
-        for ref in refs.values():
-            ray.cancel(ref)
-        if isinstance(exc.cause, RepblendError):
-            raise exc.cause from None
-        raise
+        raise_task_failure(exc, refs.values())
 
 
 def run_tune(config: Config, run_dir: Path) -> dict:

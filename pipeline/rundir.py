@@ -73,9 +73,8 @@ def run_dir_lock(run_dir: Path, command: str) -> Iterator[None]:
         yield
 
 
-def prepare_run_dir(config: Config, run_dir: str | Path | None, command: str) -> Path:
+def prepare_run_dir(config: Config, path: Path, command: str) -> Path:
     """Create the run directory and record config, versions and seeds (before any work starts)."""
-    path = Path(run_dir) if run_dir else default_run_dir(config)
     path.mkdir(parents=True, exist_ok=True)
     write_text(path / "config.yaml", to_yaml(config))
     write_json(path / "env.json", {
