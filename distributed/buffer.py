@@ -53,11 +53,10 @@ def expert_runner(config: Config, buffer_dir: Path, caches: dict[str, FeatureCac
             ready, _ = ray.wait(list(pending), num_returns=1)
             group = pending.pop(ready[0])
             try:
-                ray.get(ready[0])  # raises if the task failed after all retries
+                paths = ray.get(ready[0])  # raises if the task failed after all retries
             except ray.exceptions.RayTaskError as exc:  # a diverging expert, say: its one line
                 raise_task_failure(exc, pending)
             done += len(group)
-            log.info("buffer: expert%s %s done (%d/%d)", "s" * (len(group) > 1), ", ".join(map(str, group)), done,
-                     len(todo))
+            steps.log_experts_done(config, group, [Path(path) for path in paths], done, len(todo))
 
     return run

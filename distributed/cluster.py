@@ -73,6 +73,19 @@ def quiet_state_api_users() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+class _TokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def _quiet_token_auth_notice() -> None:
+    """Ray turns token authentication on for every new local cluster and warns each time that it did. That is its
+    default and ours, not news; the warning a cluster started without authentication gets stays."""
+    setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenAuthNotice) for f in setup.filters):
+        setup.addFilter(_TokenAuthNotice())
+
+
 def ensure_ray(config: RayConfig) -> dict[str, float]:
     """Initialise Ray once per process and return the cluster's resources."""
     if not ray.is_initialized():
@@ -86,6 +99,7 @@ def ensure_ray(config: RayConfig) -> dict[str, float]:
             except ConnectionError as exc:
                 raise ConfigError(f"ray.address={address}: no Ray cluster to attach to ({exc})") from exc
         else:
+            _quiet_token_auth_notice()
             ray.init(address="local", num_cpus=config.num_cpus or None, num_gpus=config.num_gpus or None,
                      include_dashboard=False, log_to_driver=True,
                      runtime_env={"worker_process_setup_hook": quiet_state_api_users})

@@ -463,8 +463,14 @@ class RunConfig:
     name: str = ""  # "" = the config file's stem
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    progress: bool = True  # progress bars (they switch themselves off when not on a terminal)
+    # progress of long loops: a bar on a terminal; elsewhere (a log file, a Ray worker) a log line with the count,
+    # rate and time left every progress_every seconds, and one when the loop ends
+    progress: bool = True
+    progress_every: float = 30.0
     tensorboard: bool = False  # also write distillation metrics to <run dir>/distill/tensorboard
+
+    def __post_init__(self) -> None:
+        _positive("run.progress_every", self.progress_every, allow_zero=True)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from repblend.pipeline.steps import (build_image_encoder, encoder_range, final_p
                                      pixels_of, resolve_device)
 from repblend.stages.encode import FeatureCache
 from repblend.stages.io import tensors_metadata
+from repblend.stages.progress import progress_bar
 
 log = logging.getLogger("repblend")
 
@@ -72,7 +73,6 @@ def _read_done(parts: Path, key: str) -> dict[int, torch.Tensor]:
 def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
     """Invert the run's distilled features into pixels (skipped when the inverted set is current)."""
     from safetensors.torch import load_file
-    from tqdm import tqdm
 
     from repblend.stages.invert import InvertSettings
     from repblend.stages.invert import invert as invert_features
@@ -113,8 +113,8 @@ def invert(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     if todo:
         log.info("invert: %d images, %d Adam steps per batch of %d, lr %g", n, settings.steps, settings.batch_size,
                  settings.lr)
-    with tqdm(total=todo * settings.steps, desc="invert", unit="step", disable=not config.run.progress or not todo
-              ) as bar:
+    with progress_bar(todo * settings.steps, desc="invert", unit="step", enabled=config.run.progress and bool(todo),
+                      every=config.run.progress_every) as bar:
         result = invert_features(encoder, target, init, settings, done=done, on_batch=keep,
                                  on_step=lambda: bar.update())
     summary = result.summary()

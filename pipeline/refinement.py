@@ -24,6 +24,7 @@ from repblend.pipeline.config import Config, to_yaml
 from repblend.pipeline.steps import encoder_range, load_features, refined_path, resolve_device, synthetic_path
 from repblend.stages.encode import FeatureCache
 from repblend.stages.io import tensors_metadata
+from repblend.stages.progress import progress_bar
 
 log = logging.getLogger("repblend")
 
@@ -101,8 +102,6 @@ def adapt_to_images(config: Config, syn: dict[str, torch.Tensor], train, device:
     the free parts can follow them. Checkpointed like refine, under `key` (what the adaptation depends on, not how
     long it runs): a killed run continues, and a larger `adapt_iterations` continues a finished one. Its Adam lr is
     refine.lr throughout (refine.lr_schedule shapes refinement only)."""
-    from tqdm import tqdm
-
     from repblend.pipeline.evaluation import train_settings
     from repblend.stages.refine import Refiner, RefineSettings
 
@@ -114,15 +113,14 @@ def adapt_to_images(config: Config, syn: dict[str, torch.Tensor], train, device:
     done = _resume(checkpoint, key, iterations, refiner, generator, device)
     if done:
         log.info("invert: adaptation resumes at iteration %d of %d from %s", done, iterations, checkpoint)
-    started = time.perf_counter()
-    for it in tqdm(range(done + 1, iterations + 1), initial=done, total=iterations, desc="adapt", unit="it",
-                   disable=not config.run.progress):
-        loss = refiner.step(*_real_batch(train, rc.real_batch, generator, device), generator)
-        if it % 5 == 0 or it == iterations:
-            log.info("invert: adapting texts, S and lrs to the images, it %d/%d: real-pairs loss %.4f (%.0f s)", it,
-                     iterations, loss, time.perf_counter() - started)
-        if it % rc.ckpt_every == 0 or it == iterations:
-            _save(checkpoint, key, it, refiner, generator)
+    with progress_bar(iterations, initial=done, desc="invert: adapting texts, S, lrs", unit="it",
+                      enabled=config.run.progress, every=config.run.progress_every) as bar:
+        for it in range(done + 1, iterations + 1):
+            loss = refiner.step(*_real_batch(train, rc.real_batch, generator, device), generator)
+            bar.set_postfix(real_loss=f"{loss:.4f}")
+            bar.update()
+            if it % rc.ckpt_every == 0 or it == iterations:
+                _save(checkpoint, key, it, refiner, generator)
     adapted = refiner.tensors()
     return {name: adapted[name] for name in ("texts", "similarity", "syn_lr_img", "syn_lr_txt")}
 
@@ -130,7 +128,6 @@ def adapt_to_images(config: Config, syn: dict[str, torch.Tensor], train, device:
 def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
     """Refine the run's matched set (skipped when the refined set is current)."""
     from safetensors.torch import load_file
-    from tqdm import tqdm
 
     from repblend.pipeline.evaluation import eval_seeds, evaluate_synthetic, protocol, train_settings
     from repblend.stages.io import write_tensors
@@ -165,8 +162,9 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
     log.info("refine: %d iterations, each %d epochs of fresh heads on the %d pairs, Adam lr %g, %d real captions "
              "per loss", rc.iterations, protocol_settings.epochs, syn["texts"].shape[0], rc.lr, rc.real_batch)
     started = time.perf_counter()
-    with open(metrics_path, "a") as metrics, tqdm(total=rc.iterations, initial=done, desc="refine", unit="it",
-                                                   disable=not config.run.progress) as bar:
+    with open(metrics_path, "a") as metrics, progress_bar(rc.iterations, initial=done, desc="refine", unit="it",
+                                                          enabled=config.run.progress,
+                                                          every=config.run.progress_every) as bar:
         for it in range(done + 1, rc.iterations + 1):
             refiner.set_lr(rc.lr * lr_scale(rc.lr_schedule, it, rc.iterations))
             loss = refiner.step(*_real_batch(train, rc.real_batch, generator, device), generator)
@@ -179,11 +177,8 @@ def refine(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Pa
                 log.info("refine it %d: %s r_mean %.2f (1 seed)", it, config.data.eval_split, row["eval"]["r_mean"])
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            bar.set_postfix(real_loss=f"{loss:.4f}", lr_img=f"{lr_img:.4f}", lr_txt=f"{lr_txt:.4f}")
             bar.update()
-            bar.set_postfix(real_loss=f"{loss:.4f}")
-            if it % 10 == 0 or it == rc.iterations:
-                log.info("refine it %d/%d: real-pairs loss %.4f, student lrs %.4f / %.4f (%.0f s)", it, rc.iterations,
-                         loss, row["lr_img"], row["lr_txt"], time.perf_counter() - started)
             if it % rc.ckpt_every == 0 or it == rc.iterations:
                 _save(checkpoint, key, it, refiner, generator)
     tensors = refiner.tensors() | {name: syn[name] for name in ("init_image_index", "init_caption_index")}

@@ -20,6 +20,7 @@ from repblend.pipeline.config import Config, to_yaml
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
 from repblend.stages.errors import CacheError, ConfigError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
+from repblend.stages.progress import progress_bar
 
 if TYPE_CHECKING:
     from repblend.pipeline.config import DistillConfig
@@ -141,7 +142,8 @@ def encode(config: Config, splits: list[str] | None = None,
             encode_split(part, split, cache, identity, image_encoder, text_encoder, fingerprint=fingerprint,
                          image_batch_size=enc.image_batch_size, text_batch_size=enc.text_batch_size,
                          num_workers=enc.num_workers, device=device, on_error=config.data.on_error,
-                         progress=config.run.progress, image_features=image_features)
+                         progress=config.run.progress, progress_every=config.run.progress_every,
+                         image_features=image_features)
             log.info("encode %s: %d images, %d captions in %.1f s -> %s", split, len(part), part.num_captions,
                      time.perf_counter() - start, cache.tensors_path)
     return caches
@@ -272,16 +274,26 @@ def train_expert_files(config: Config, buffer_dir: Path, group: list[int], cache
         recall = retrieval_of(heads, eval_images, evalset.text_features, evalset.caption_to_image, device)
         paths.append(expert_path(buffer_dir, k))
         save_trajectory(paths[-1], traj, {"seed": seed, "epochs": sorted(traj.image), "eval_recall": recall})
-        log.info("expert %d (seed %d): epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k, seed, last,
-                 config.data.eval_split, recall["r_mean"], recall["img_r10"], recall["txt_r10"])
     return paths
+
+
+def log_experts_done(config: Config, group: list[int], paths: list[Path], done: int, total: int) -> None:
+    """One line per finished expert with its eval recall (`done` of `total` counts the group's last), written where
+    the experts are collected (the driver, for Ray tasks): a broken buffer shows, in order, and Ray's log dedup
+    cannot fold the lines of several experts into one."""
+    from repblend.stages.buffer import trajectory_meta
+
+    for offset, (k, path) in enumerate(zip(group, paths)):
+        meta = trajectory_meta(path)
+        recall = meta["eval_recall"]
+        log.info("buffer: expert %d done (%d/%d), seed %d, epoch %d %s r_mean %.2f  img_r10 %.2f  txt_r10 %.2f", k,
+                 done - len(group) + 1 + offset, total, meta["seed"], max(meta["epochs"]), config.data.eval_split,
+                 recall["r_mean"], recall["img_r10"], recall["txt_r10"])
 
 
 def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache],
            run_experts: Callable[[list[int]], None] | None = None) -> Path:
     """Train the missing experts (in this process, or through `run_experts`, e.g. Ray tasks) and index them."""
-    from tqdm import tqdm
-
     from repblend.stages.buffer import expert_path, trajectory_meta, write_index
 
     buffer_dir = buffer_dir_of(config, run_dir)
@@ -291,11 +303,9 @@ def buffer(config: Config, run_dir: Path, caches: dict[str, FeatureCache],
     if run_experts is not None and todo:
         run_experts(todo)
     else:
-        with tqdm(total=len(todo), desc="buffer experts", unit="expert",
-                  disable=None if config.run.progress else True) as bar:
-            for group in expert_groups(config, todo):
-                train_expert_files(config, buffer_dir, group, caches)
-                bar.update(len(group))
+        for group in expert_groups(config, todo):
+            paths = train_expert_files(config, buffer_dir, group, caches)
+            log_experts_done(config, group, paths, todo.index(group[-1]) + 1, len(todo))
     experts = [{"path": expert_path(buffer_dir, k).name, **trajectory_meta(expert_path(buffer_dir, k))}
                for k in range(config.buffer.num_experts)]
     write_index(buffer_dir, {"experts": experts, "identity": identity,
@@ -320,8 +330,6 @@ def initial_pairs(train, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 def pixels_of(config: Config, ids: list[str], image_encoder, split: str | None = None) -> torch.Tensor:
     """Pixels of a split's images (default: train) found by image id in the dataset as it is now: the cache
     may have been built on another machine, where the images lived elsewhere."""
-    from tqdm import tqdm
-
     from repblend.stages.errors import DataError
     from repblend.stages.ingest import load_image
 
@@ -332,9 +340,13 @@ def pixels_of(config: Config, ids: list[str], image_encoder, split: str | None =
         raise DataError(f"{config.data.root}: {len(missing)} image(s) of the feature cache are not in split "
                         f"'{split}' (first: {missing[0]}); the cache was built from other data")
     transform = image_encoder.preprocess.transform()
-    quiet = len(ids) < 500 or not config.run.progress
-    return torch.stack([transform(load_image(current[i]))
-                        for i in tqdm(ids, desc=f"pixels {split}", unit="img", disable=True if quiet else None)])
+    pixels = []
+    with progress_bar(len(ids), desc=f"pixels {split}", unit="img", enabled=len(ids) >= 500 and config.run.progress,
+                      every=config.run.progress_every) as bar:
+        for i in ids:
+            pixels.append(transform(load_image(current[i])))
+            bar.update()
+    return torch.stack(pixels)
 
 
 _PIXELS: dict[tuple, torch.Tensor] = {}
@@ -516,12 +528,10 @@ def _tensorboard(log_dir: Path) -> Callable[[dict], None]:
 def step_logger(config: Config, caches: dict[str, FeatureCache], job: DistillJob, metrics, *,
                 probe_split: str | None = None, on_eval: Callable[[int, dict], None] | None = None):
     """The per-iteration callback: metrics.jsonl, progress bar, and the eval probe every distill.eval_every."""
-    from tqdm import tqdm
-
     dc = config.distill
     device = job.distiller.device
-    bar = tqdm(total=dc.iterations, initial=job.distiller.iteration, desc="distill", unit="it",
-               disable=None if config.run.progress else True)
+    bar = progress_bar(dc.iterations, initial=job.distiller.iteration, desc="distill", unit="it",
+                       enabled=config.run.progress, every=config.run.progress_every)
     probe_split = probe_split or config.data.eval_split
     probe = _eval_probe(config, caches, probe_split, job.encoder, device) if dc.eval_every else None
     board = _tensorboard(Path(metrics.name).parent / "tensorboard") if config.run.tensorboard else None
@@ -541,8 +551,8 @@ def step_logger(config: Config, caches: dict[str, FeatureCache], job: DistillJob
         metrics.flush()
         if board is not None:
             board(record)
-        bar.update(1)
         bar.set_postfix(loss=f"{step.loss:.4f}", lr_img=f"{step.syn_lr_img:.4f}")
+        bar.update(1)
         if step.iteration == dc.iterations:
             bar.close()
 

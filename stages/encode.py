@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from repblend.stages.encoders import ImageEncoder, TextEncoder, encode_texts
 from repblend.stages.errors import CacheError, DataError
 from repblend.stages.ingest import CaptionTable, load_image
 from repblend.stages.io import write_json, write_tensors
+from repblend.stages.progress import DEFAULT_EVERY, progress_bar
 
 CACHE_VERSION = 1
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -149,12 +149,13 @@ def _collate(batch):
 
 
 def encode_images(encoder: ImageEncoder, paths: list[str], *, batch_size: int, num_workers: int,
-                  device: torch.device, on_error: str, progress: bool, desc: str) -> tuple[torch.Tensor, list[int]]:
+                  device: torch.device, on_error: str, progress: bool, desc: str,
+                  progress_every: float = DEFAULT_EVERY) -> tuple[torch.Tensor, list[int]]:
     """Features of every decodable image, and the indices of the images that were kept."""
     loader = DataLoader(_ImageDataset(paths, encoder.preprocess.transform()), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
     features, kept = [], []
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True)
+    bar = progress_bar(len(paths), desc=desc, unit="img", enabled=progress, every=progress_every)
     with torch.inference_mode(), _autocast(device):
         for batch in loader:
             good = []
@@ -180,7 +181,7 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
                  image_encoder: ImageEncoder | None, text_encoder: TextEncoder, *, fingerprint: str | None = None,
                  image_batch_size: int = 64,
                  text_batch_size: int = 256, num_workers: int = 2, device: str | torch.device = "cpu",
-                 on_error: str = "stop", progress: bool = True,
+                 on_error: str = "stop", progress: bool = True, progress_every: float = DEFAULT_EVERY,
                  image_features: tuple[torch.Tensor, list[int]] | None = None) -> FeatureCache:
     """Encode one split into `cache` (atomically: manifest written last, so a crash leaves no cache).
 
@@ -192,14 +193,15 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
     if image_features is None:
         image_features = encode_images(image_encoder, [r.path for r in records], batch_size=image_batch_size,
                                        num_workers=num_workers, device=device, on_error=on_error,
-                                       progress=progress, desc=f"encode {split} images")
+                                       progress=progress, desc=f"encode {split} images", progress_every=progress_every)
     img_feats, kept = image_features
     kept_records = [records[i] for i in kept]
     captions = [c for r in kept_records for c in r.captions]
     caption_to_image = torch.tensor([i for i, r in enumerate(kept_records) for _ in r.captions], dtype=torch.long)
     image_seconds = time.perf_counter() - start
     with _autocast(device):
-        txt_feats = encode_texts(text_encoder, captions, batch_size=text_batch_size, progress=progress)
+        txt_feats = encode_texts(text_encoder, captions, batch_size=text_batch_size, progress=progress,
+                                 progress_every=progress_every)
     dtype = _DTYPES[identity.dtype]
     write_tensors(cache.tensors_path, {
         "image_features": img_feats.to(dtype),

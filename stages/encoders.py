@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from repblend.stages.bnfold import fold_batchnorm, same_function
 from repblend.stages.errors import EncoderError
+from repblend.stages.progress import DEFAULT_EVERY, progress_bar
 
 __all__ = [
     "ImagePreprocess",
@@ -240,7 +241,8 @@ class TextEncoder(_Frozen):
 
 
 def encode_texts(encoder: TextEncoder, captions: Sequence[str], batch_size: int = 256, *,
-                 device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
+                 device: str | torch.device | None = None, progress: bool = False,
+                 progress_every: float = DEFAULT_EVERY) -> torch.Tensor:
     """Features of all captions [N,feature_dim] (float32, on CPU), in the order given.
 
     Runs under torch.inference_mode. Captions are batched by token length (longest first) so batches
@@ -258,20 +260,14 @@ def encode_texts(encoder: TextEncoder, captions: Sequence[str], batch_size: int 
         return out
     lengths = encoder.token_lengths(captions)
     order = sorted(range(len(captions)), key=lambda i: -lengths[i])
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(captions), desc=f"encode captions ({encoder.name})", unit="cap")
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        with torch.inference_mode():
-            feats = encoder([captions[i] for i in idx]).float().cpu()
-        out[torch.tensor(idx)] = feats
-        if bar is not None:
+    with progress_bar(len(captions), desc=f"encode captions ({encoder.name})", unit="cap", enabled=progress,
+                      every=progress_every) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            with torch.inference_mode():
+                feats = encoder([captions[i] for i in idx]).float().cpu()
+            out[torch.tensor(idx)] = feats
             bar.update(len(idx))
-    if bar is not None:
-        bar.close()
     return out
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from repblend.distributed.buffer import FAULT_ENV, expert_runner
 from repblend.pipeline import steps
 from repblend.pipeline.config import load_config
+from repblend.stages.buffer import trajectory_meta
 from repblend.stages.toydata import make_toy_dataset
 from tiny import TINY_ENCODERS, TINY_PROBLEM
 
@@ -42,17 +43,34 @@ def test_ray_experts_equal_local_experts(ray_session, toy, tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_ray_expert_groups_equal_local_groups(ray_session, toy, tmp_path):
+def _expert_lines(caplog) -> dict[int, str]:
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("buffer: expert ")]
+    caplog.clear()
+    return {int(line.split()[2]): line for line in lines}
+
+
+def test_ray_expert_groups_equal_local_groups(ray_session, toy, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="repblend")
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, "buffer.batch_experts=2"])
     caches = steps.encode(config)
+    caplog.clear()
     local = steps.buffer(config, tmp_path / "local", caches)
+    local_lines = _expert_lines(caplog)
     remote_dir = tmp_path / "remote" / "buffer"
     steps.buffer(config, tmp_path / "remote", caches, expert_runner(config, remote_dir, caches))
+    remote_lines = _expert_lines(caplog)
     for k in range(3):  # groups [0, 1] and [2], each one task
         a = load_file(str(local / f"expert_{k:03d}.safetensors"))
         b = load_file(str(remote_dir / f"expert_{k:03d}.safetensors"))
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    # one line per expert from the process that collects them (the driver, for tasks), with the recall in its file
+    assert [local_lines[k].split("(")[1].split(")")[0] for k in range(3)] == ["1/3", "2/3", "3/3"]
+    assert sorted(line.split("(")[1].split(")")[0] for line in remote_lines.values()) == ["1/3", "2/3", "3/3"]
+    for k in range(3):
+        meta = trajectory_meta(remote_dir / f"expert_{k:03d}.safetensors")
+        assert f"seed {meta['seed']}, epoch {max(meta['epochs'])} dev r_mean {meta['eval_recall']['r_mean']:.2f}" \
+            in remote_lines[k]
 
 
 def test_a_diverging_expert_task_raises_its_own_one_line_error(ray_session, toy, tmp_path):
