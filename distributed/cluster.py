@@ -20,11 +20,13 @@ from repblend.stages.errors import ConfigError, RepblendError
 log = logging.getLogger("repblend")
 
 
-def worker_logging() -> None:
-    """The CLI's log format in a Ray worker process, which starts without the driver's logging setup."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"),
-                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+def worker_logging(tag: str = "") -> None:
+    """The CLI's log format in a Ray worker process, which starts without the driver's logging setup. `tag` marks
+    the lines of one of several tasks that log alike: their lines are told apart, and Ray's log dedup cannot fold
+    them into one. Set afresh for every task, since Ray reuses worker processes."""
+    prefix = f"[{tag}] " if tag else ""
+    logging.basicConfig(level=os.environ.get("REPBLEND_LOG", "INFO"), force=True,
+                        format=f"%(asctime)s %(levelname)s {prefix}%(message)s", datefmt="%H:%M:%S")
 
 
 def raise_task_failure(failure: ray.exceptions.RayTaskError, others: Iterable[ray.ObjectRef]) -> NoReturn:

@@ -144,7 +144,7 @@ def _final_task(config: Config, params: dict, run_dir: str, caches: dict[str, Fe
     """`_final` where a trial would run (a GPU node, not the driver's head node), with a trial's resources."""
     import torch
 
-    worker_logging()
+    worker_logging(f"{Path(run_dir).name} run")
     torch.set_num_threads(max(1, int(config.tune.trial_cpus)))
     return _final(config, params, Path(run_dir), caches)
 
