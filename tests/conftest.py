@@ -47,3 +47,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def compile_without_inductor(monkeypatch):
+    """torch.compile traced as in a real run (Dynamo and AOTAutograd: graph breaks and graph counts are real) but
+    run without Inductor's C++ code generation, which costs 40-90 s per graph on a cold 2-core machine. For tests of
+    what reaches the compiler; test_fused checks Inductor's numbers against the eager loop."""
+    import torch
+
+    compile_ = torch.compile
+
+    def compile_aot_eager(model=None, *, mode=None, **kwargs):
+        return compile_(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)

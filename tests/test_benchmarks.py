@@ -104,7 +104,7 @@ def test_reference_loop_equals_fast_path(merge, blend, pass1_graph):
         torch.testing.assert_close(ref_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_bench_distill_small(capsys):
+def test_bench_distill_small(capsys, compile_without_inductor):
     figures = _load("distill").main(["--small", "--pairs", "9", "17", "--iterations", "1", "--warmup", "0",
                                      "--syn-steps", "2", "--mini-batch", "4", "--threads", "1", "--compile", "default"])
     out = capsys.readouterr().out

@@ -165,7 +165,6 @@ def test_two_train_workers_average_what_one_process_averages(ray_session, toy, t
     assert reported == [2, 4]
 
 
-
 def test_a_diverging_train_worker_raises_its_own_one_line_error(ray_session, toy, tmp_path, monkeypatch, capfd):
     """A DivergenceError on a Ray Train worker reaches the driver as itself (the CLI prints its one line), not as a
     WorkerGroupError carrying the workers' tracebacks; and at once: a retry would only diverge again."""

@@ -77,7 +77,9 @@ def test_fused_pixel_gradient_equals_the_eager_distiller():
 def test_compiled_distillation_follows_the_eager_one(scope):
     """Three outer iterations compiled by torch.compile (Inductor on this CPU) land on the eager loop's set."""
     eager, compiled = _tiny_distiller(), _tiny_distiller()
-    compiled = Distiller(compiled.syn, compiled.trajectories, SPECS, compiled.settings, compiled.outer, seed=0,
+    settings = dataclasses.replace(eager.settings, syn_steps=2)  # the 'unroll' graph grows with the steps: 2 show it
+    eager = Distiller(eager.syn, eager.trajectories, SPECS, settings, eager.outer, seed=0)
+    compiled = Distiller(compiled.syn, compiled.trajectories, SPECS, settings, compiled.outer, seed=0,
                          compile="default", compile_scope=scope)
     graphs = counters["stats"]["unique_graphs"]
     logs = [(eager.step(), compiled.step()) for _ in range(3)]

@@ -222,7 +222,8 @@ def test_pixel_init_reads_images_where_the_dataset_is_now(toy, tmp_path):
     assert syn["images"].shape == (8, 3, 32, 32)
 
 
-def test_distill_compile_gives_the_eager_set_and_says_where_it_does_not_apply(toy, tmp_path, caplog):
+def test_distill_compile_gives_the_eager_set_and_says_where_it_does_not_apply(toy, tmp_path, caplog,
+                                                                              compile_without_inductor):
     """distill.compile=true reaches the distiller (the compiled unroll runs, same set up to rounding); where the fused
     form does not cover a setting the run goes on eagerly and the log names the reason."""
     common = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", f"buffer.dir={tmp_path / 'buffer'}",
