@@ -303,6 +303,9 @@ class EvalConfig:
     full_epochs: int = 20  # cosine schedule length; the best (lr, epoch) on the eval split is the bound
     # the bound is kept beside the feature cache and read back by runs with the same features, protocol and seeds
     reuse_full: bool = True
+    # every other row is kept in RUN_DIR/eval/rows as it finishes and read back while its set, features, protocol,
+    # seeds and code are unchanged (a run killed during evaluation keeps its finished rows); false trains them again
+    reuse_rows: bool = True
 
     def __post_init__(self) -> None:
         _choice("eval.loss", self.loss, ("wbce", "clip"))

@@ -4,6 +4,7 @@ trained and measured under one protocol, written as results.json and results.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from repblend.pipeline.config import Config
+from repblend.pipeline.evalrows import KeptRows, log_row
 from repblend.pipeline.steps import (build_image_encoder, buffer_dir_of, final_path, inverted_path, load_features,
                                      lors_baseline, resolve_device, split_pixels, synthetic_path)
 from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
@@ -186,8 +188,16 @@ def eval_seeds(config: Config) -> list[int]:
     return [config.run.seed * 1000 + 17 * j + 1 for j in range(config.eval.num_eval)]
 
 
+def _protocol_key(config: Config) -> dict:
+    """What a `protocol` depends on besides the training settings and the feature caches (kept rows' keys)."""
+    fine_tunes = fine_tunes_encoder(config)
+    return {"fine_tunes_encoder": fine_tunes, "syn_lr_img_scale": config.eval.syn_lr_img_scale,
+            "encoder": config.encoders.image if fine_tunes else None, "model": config.model}
+
+
 def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> dict:
-    """Every method of the results table under one protocol; writes results.json and results.md."""
+    """Every method of the results table under one protocol; writes results.json and results.md. Each row is kept
+    in RUN_DIR/eval/rows as it finishes (pipeline/evalrows.py) and read back while its inputs are unchanged."""
     device = resolve_device(config.run.device)
     train = load_features(caches, config.data.train_split, device)
     evalset = load_features(caches, config.data.eval_split, device)
@@ -199,43 +209,53 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     init_loss = real_pairs_loss(config, fine_tunes)
     n = config.distill.num_queries
     lr0 = config.distill.lr_teacher
+    rows = KeptRows(run_dir / "eval" / "rows", {"train": file_digest(caches[config.data.train_split].tensors_path),
+                                                 "eval": file_digest(caches[config.data.eval_split].tensors_path),
+                                                 "seeds": seeds}, config.eval.reuse_rows, device)
     methods, notes = {}, {}
     own = config.distill.mode
     matched_path, own_path = synthetic_path(run_dir), final_path(config, run_dir)
+    measure = functools.cache(lambda: protocol(config, caches, config.data.eval_split, device))  # LoRS: decodes
+    set_key = {"settings": settings, "protocol": _protocol_key(config)}
     if not matched_path.is_file():
         log.warning("eval: no distilled set at %s yet; evaluating the baselines only", matched_path)
     else:
-        measure = protocol(config, caches, config.data.eval_split, device)
         syn = load_file(str(matched_path), device=str(device))  # the refined set keeps its initial pairs
         if own_path.is_file():
-            started = time.perf_counter()
             own_syn = syn if own_path == matched_path else load_file(str(own_path), device=str(device))
-            methods[own] = evaluate_synthetic(own_syn, measure, settings, seeds, device)
-            _log_row(own, methods[own], started)
+            methods[own] = rows.row(own, {"set": file_digest(own_path), **set_key},
+                                    lambda: evaluate_synthetic(own_syn, measure(), settings, seeds, device))
         if config.refine.enabled:
-            started = time.perf_counter()
-            methods[MATCHED] = evaluate_synthetic(syn, measure, settings, seeds, device)
-            _log_row(MATCHED, methods[MATCHED], started)
+            methods[MATCHED] = rows.row(MATCHED, {"set": file_digest(matched_path), **set_key},
+                                        lambda: evaluate_synthetic(syn, measure(), settings, seeds, device))
             notes[own] = (f"refined through the evaluation protocol ({config.refine.iterations} iterations, "
                           f"refine/); {MATCHED} is the set as trajectory matching left it (distill/)"
                           if own_path.is_file() else
                           f"not refined yet ({own_path}; `repblend run` or `repblend refine` makes it)")
-        started = time.perf_counter()
-        init = PairSet(measure.train_images(syn["init_image_index"]), train.text_features[syn["init_caption_index"]],
-                       None, lr0, lr0)
-        methods["init"] = evaluate_pairs(init, train_settings(config, loss=init_loss), measure.eval_features, seeds,
-                                         device, diagnose=True, model=measure.model)
-        _log_row("init", methods["init"], started)
+        init_settings = train_settings(config, loss=init_loss)
+
+        def initial_pairs() -> dict:
+            init = PairSet(measure().train_images(syn["init_image_index"]),
+                           train.text_features[syn["init_caption_index"]], None, lr0, lr0)
+            return evaluate_pairs(init, init_settings, measure().eval_features, seeds, device, diagnose=True,
+                                  model=measure().model)
+
+        methods["init"] = rows.row("init", {"set": file_digest(matched_path), "settings": init_settings, "lr": lr0,
+                                            "protocol": _protocol_key(config)}, initial_pairs)
         if config.invert.enabled:
-            _inverted_row(config, run_dir, measure, settings, seeds, device, methods, notes)
+            _inverted_row(config, run_dir, rows, measure, set_key, seeds, device, methods, notes)
     for method in config.eval.methods:
-        started = time.perf_counter()
         if method in ("random", "herding", "kcenter"):
-            draws = zip(seeds, _coresets(method, train, n, seeds))
-            methods[method] = evaluate_seeds(((seed, _real_pairs(train, idx.to(device), lr0)) for seed, idx in draws),
-                                             real_settings, eval_features, device, diagnose=True)
+            def coreset(method: str = method) -> dict:
+                draws = zip(seeds, _coresets(method, train, n, seeds))
+                return evaluate_seeds(((seed, _real_pairs(train, idx.to(device), lr0)) for seed, idx in draws),
+                                      real_settings, eval_features, device, diagnose=True)
+
+            methods[method] = rows.row(method, {"pairs": n, "settings": real_settings, "lr": lr0}, coreset)
         elif method == "full":
+            started = time.perf_counter()
             methods["full"], notes["full"] = reused_full_bound(config, caches, train, evalset, device)
+            log_row("full", methods["full"], f"{time.perf_counter() - started:.0f} s")
             expert = _best_expert(buffer_dir_of(config, run_dir))
             if expert is not None:
                 notes["full"]["best_expert_r_mean"] = round(expert["r_mean"], 2)
@@ -252,13 +272,13 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
             elif not lors_path.is_file():
                 notes["lors"] = f"not distilled yet ({lors_path}; `repblend run` or `repblend distill` makes it)"
             else:
-                measure = protocol(lors, caches, config.data.eval_split, device)
-                methods["lors"] = evaluate_synthetic(load_file(str(lors_path), device=str(device)), measure,
-                                                     settings, seeds, device)
+                methods["lors"] = rows.row(
+                    "lors", {"set": file_digest(lors_path), "settings": settings, "protocol": _protocol_key(lors)},
+                    lambda: evaluate_synthetic(load_file(str(lors_path), device=str(device)),
+                                               protocol(lors, caches, config.data.eval_split, device), settings,
+                                               seeds, device))
                 notes["lors"] = ("asymmetric matching (whole image encoder vs text head), no blending; evaluated "
                                  "by fine-tuning the encoder with a text head, as the references evaluate LoRS")
-        if method in methods and method != own:
-            _log_row(method, methods[method], started)
     diagnostics = {name: metrics.pop("diagnostics") for name, metrics in methods.items() if "diagnostics" in metrics}
     results = {"methods": methods, "diagnostics": diagnostics, "eval_split": config.data.eval_split, "pairs": n,
                "seeds": seeds,
@@ -273,16 +293,15 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     return results
 
 
-def _inverted_row(config: Config, run_dir: Path, measure: Protocol, settings: TrainSettings, seeds: list[int],
-                  device: torch.device, methods: dict, notes: dict) -> None:
+def _inverted_row(config: Config, run_dir: Path, rows: KeptRows, measure: Callable[[], Protocol], set_key: dict,
+                  seeds: list[int], device: torch.device, methods: dict, notes: dict) -> None:
     """The row of the set inverted to pixels: trained on its encoded pixels, as a pixel-space set would be."""
     path = inverted_path(run_dir)
     if not path.is_file():
         notes[INVERTED] = f"not inverted yet ({path}; `repblend run` or `repblend invert` makes it)"
         return
-    started = time.perf_counter()
-    methods[INVERTED] = evaluate_synthetic(load_file(str(path), device=str(device)), measure, settings, seeds, device)
-    _log_row(INVERTED, methods[INVERTED], started)
+    methods[INVERTED] = rows.row(INVERTED, {"set": file_digest(path), **set_key}, lambda: evaluate_synthetic(
+        load_file(str(path), device=str(device)), measure(), set_key["settings"], seeds, device))
     summary = read_json(path.parent / "summary.json")
     size = config.encoders.image.image_size
     notes[INVERTED] = (f"the {config.distill.mode} feature set inverted to {size} px images "
@@ -292,16 +311,6 @@ def _inverted_row(config: Config, run_dir: Path, measure: Protocol, settings: Tr
     if summary.get("adapt_iterations"):
         notes[INVERTED] += (f"; its texts, S and lrs then adapted to those encodings ({summary['adapt_iterations']} "
                             "refine iterations)")
-
-
-def _log_row(name: str, metrics: dict, started: float) -> None:
-    """One line per finished row: evaluation of a large split takes minutes, and should be seen to progress."""
-    mean = {key: metrics[key]["mean"] for key in ("img_r10", "txt_r10", "r_mean")}
-    log.info("eval %s: img_r10 %.2f  txt_r10 %.2f  r_mean %.2f (%.0f s)", name, *mean.values(),
-             time.perf_counter() - started)
-    if metrics.get("diverged_seeds"):
-        log.warning("eval %s: training diverged (non-finite embeddings) in %d seed(s); each scores 0 in the row",
-                    name, metrics["diverged_seeds"])
 
 
 def evaluate_synthetic(syn: dict[str, torch.Tensor], measure: Protocol, settings: TrainSettings, seeds: list[int],

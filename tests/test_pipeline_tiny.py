@@ -13,6 +13,7 @@ from repblend.pipeline.config import load_config
 from repblend.stages.diagnostics import DIAGNOSTICS
 from repblend.stages.distiller import DivergenceError
 from repblend.stages.errors import ConfigError
+from repblend.stages.io import write_tensors
 from repblend.stages.toydata import make_toy_dataset
 from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
 
@@ -274,6 +275,78 @@ def test_full_bound_is_read_back_by_runs_on_the_same_features_and_protocol(toy, 
     for overrides in (["eval.full_epochs=3"], ["eval.weight_decay=0.001"], ["run.seed=1"], ["eval.reuse_full=false"]):
         _, trained = bound("c", *overrides)
         assert trained, overrides
+
+
+def _rows_by_how(caplog) -> tuple[set[str], set[str]]:
+    """The rows an evaluation trained and the rows it read back, from its log lines."""
+    lines = [line for line in (r.getMessage() for r in caplog.records)
+             if line.startswith("eval ") and "r_mean" in line]
+    caplog.clear()
+    names = [(line.split(":")[0].removeprefix("eval "), "(read back from " in line) for line in lines]
+    return {name for name, read in names if not read}, {name for name, read in names if read}
+
+
+def test_evaluation_keeps_each_row_and_reads_it_back_while_its_inputs_are_unchanged(toy, tmp_path, caplog,
+                                                                                     monkeypatch):
+    """A rerun trains nothing and writes the same results; a changed set retrains only its rows, a changed protocol,
+    other seeds or other code every row; a run that fails in a row keeps the rows before it; eval.reuse_rows=false
+    trains all again."""
+    from repblend.pipeline import evalrows
+
+    caplog.set_level(logging.INFO, logger="repblend")
+    common = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature", *STABLE_LRS, *TINY,
+              "eval.methods=[random,herding,kcenter]"]
+    config = load_config(None, common)
+    caches = steps.encode(config)
+    run_dir = tmp_path / "run"
+    steps.buffer(config, run_dir, caches)
+    set_path = steps.distill(config, run_dir, caches)
+    everything = {"repblend", "init", "random", "herding", "kcenter"}
+
+    def evaluate(*overrides: str) -> tuple[set[str], set[str]]:
+        evaluation.evaluate(load_config(None, [*common, *overrides]), run_dir, caches)
+        return _rows_by_how(caplog)
+
+    assert evaluate() == (everything, set())
+    first = (run_dir / "results.json").read_text()
+    assert sorted(p.stem for p in (run_dir / "eval" / "rows").glob("*.json")) == sorted(everything)
+
+    with monkeypatch.context() as m:  # read back: no model is trained at all
+        m.setattr(evaluation, "evaluate_pairs", None)
+        m.setattr(evaluation, "evaluate_seeds", None)
+        assert evaluate() == (set(), everything)
+    assert (run_dir / "results.json").read_text() == first
+
+    for overrides in (["eval.epochs=3"], ["run.seed=1"], ["eval.num_eval=1"], ["eval.reuse_rows=false"]):
+        assert evaluate(*overrides) == (everything, set()), overrides
+        evaluate()  # the kept rows are the last evaluation's: back to the first protocol
+    with monkeypatch.context() as m:
+        m.setattr(evalrows, "source_digest", lambda: "other code")
+        assert evaluate() == (everything, set())
+    evaluate()
+
+    syn = load_file(str(set_path))
+    write_tensors(set_path, {**syn, "texts": syn["texts"] + 0.01})  # another set: its rows, the coresets read back
+    assert evaluate() == ({"repblend", "init"}, {"random", "herding", "kcenter"})
+
+    fresh = tmp_path / "fresh"  # a run that fails in its k-center row keeps the rows before it
+    fresh.mkdir()
+    (fresh / "distill").mkdir()
+    (fresh / "distill" / "synthetic.safetensors").write_bytes(set_path.read_bytes())
+    coresets = evaluation._coresets
+    with monkeypatch.context() as m:
+        def failing(method, *args):
+            if method == "kcenter":
+                raise RuntimeError("killed")
+            return coresets(method, *args)
+
+        m.setattr(evaluation, "_coresets", failing)
+        with pytest.raises(RuntimeError, match="killed"):
+            evaluation.evaluate(load_config(None, common), fresh, caches)
+    assert _rows_by_how(caplog) == ({"repblend", "init", "random", "herding"}, set())
+    evaluation.evaluate(load_config(None, common), fresh, caches)
+    assert _rows_by_how(caplog) == ({"kcenter"}, {"repblend", "init", "random", "herding"})
+    assert (fresh / "results.json").read_text() == (run_dir / "results.json").read_text()
 
 
 def test_syn_lr_img_scale_trains_distilled_sets_at_the_scaled_image_lr(toy, tmp_path):
