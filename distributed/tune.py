@@ -214,8 +214,9 @@ def tune_table(results: dict) -> str:
     for row in results["trials"]:
         params = ", ".join(f"{k}={v:g}" for k, v in row["params"].items())
         score = lambda key: "-" if row[key] is None else f"{row[key]:.2f}"  # noqa: E731
+        state = "yes" if row["completed"] else "stopped" if not row["error"] else "error"
         lines.append(f"| {params} | {score('val_r_mean')} | {score('val_img_r10')} | {score('val_txt_r10')} | "
-                     f"{row['iterations']} | {'yes' if row['completed'] else 'stopped' if not row['error'] else 'error'} |")
+                     f"{row['iterations']} | {state} |")
     lines += ["", f"Full length ({results['full_iterations']} iterations), evaluated on {results['eval_split']}, "
               "mean ± std over evaluation seeds:", "", "| run | " + " | ".join(METRICS) + " |",
               "|---" * (len(METRICS) + 1) + "|"]

@@ -38,7 +38,8 @@ def _add_common(parser: argparse.ArgumentParser, config_required: bool = True) -
     parser.add_argument("--config", required=config_required, help="YAML config file (see configs/)")
     parser.add_argument("--run-dir", help="run directory (default: runs/<run.name>)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.iterations=10")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. distill.iterations=10")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +85,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: refine.enabled is false "
                           "(set refine.enabled=true, with distill.space=feature)")
     if args.command == "invert" and not config.invert.enabled:
-        raise ConfigError(f"{args.config}: invert.enabled is false (set invert.enabled=true, with distill.space=feature)")
+        raise ConfigError(f"{args.config}: invert.enabled is false "
+                          "(set invert.enabled=true, with distill.space=feature)")
     if args.command == "convert":
         from repblend.stages.wds import write_webdataset
 

@@ -334,9 +334,9 @@ def results_table(results: dict) -> str:
     if diverged:
         lines += ["", "Diverged in training (non-finite embeddings; such a seed scores 0): " + ", ".join(diverged)]
     if results.get("diagnostics"):
-        lines += ["", f"Collapse diagnostics of each {results['pairs']}-pair training set, embedded by the heads trained "
-                  "on it (mean over seeds; sim = mean off-diagonal cosine, gap = distance of the modality means, "
-                  "erank = effective rank, probe = image-vs-text linear probe accuracy):", "",
+        lines += ["", f"Collapse diagnostics of each {results['pairs']}-pair training set, embedded by the heads "
+                  "trained on it (mean over seeds; sim = mean off-diagonal cosine, gap = distance of the modality "
+                  "means, erank = effective rank, probe = image-vs-text linear probe accuracy):", "",
                   "| set | " + " | ".join(DIAGNOSTICS) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
         for name, diag in results["diagnostics"].items():
             lines.append(f"| {name} | " + " | ".join(f"{diag[k]['mean']:.3g}" for k in DIAGNOSTICS) + " |")

@@ -48,7 +48,8 @@ def plot_curves(rows: list[dict], out: Path) -> list[str]:
     its = [r["iteration"] for r in rows]
     window = max(1, len(rows) // 60)
     fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label, color in (("loss", "total", "C0"), ("loss_img", "image side", "C1"), ("loss_txt", "text side", "C2")):
+    sides = (("loss", "total", "C0"), ("loss_img", "image side", "C1"), ("loss_txt", "text side", "C2"))
+    for key, label, color in sides:
         values = [r[key] for r in rows]
         loss_ax.plot(its, values, color=color, lw=0.5, alpha=0.25)
         loss_ax.plot(its, _running_mean(values, window), color=color, lw=1.5, label=f"{label} (mean of {window})")
@@ -177,8 +178,9 @@ def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
     if rows:
         lines += ["## Distillation", ""] + [f"![{name}]({name})" for name in plot_curves(rows, out)] + [""]
         last = rows[-1]
-        lines += [f"{last['iteration']} iterations; last matching loss {last['loss']:.4f} (image {last['loss_img']:.4f},"
-                  f" text {last['loss_txt']:.4f}); learned lrs {last['syn_lr_img']:.4f} / {last['syn_lr_txt']:.4f}.",
+        lines += [f"{last['iteration']} iterations; last matching loss {last['loss']:.4f} "
+                  f"(image {last['loss_img']:.4f}, text {last['loss_txt']:.4f}); "
+                  f"learned lrs {last['syn_lr_img']:.4f} / {last['syn_lr_txt']:.4f}.",
                   ""]
         guarded = [r for r in rows if r.get("guard")]
         if guarded:

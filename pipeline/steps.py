@@ -649,7 +649,8 @@ def _eval_probe(config: Config, caches: dict[str, FeatureCache], split: str, enc
         images = syn.images.detach() if measure.model is not None else _image_features(syn, encoder)
         pairs = measure.synthetic_pairs(images, syn.texts.detach(), syn.sim.full().detach(), syn.syn_lr_img.detach(),
                                         syn.syn_lr_txt.detach())
-        result = evaluate_pairs(pairs, settings, measure.eval_features, seed, device, diagnose=True, model=measure.model)
+        result = evaluate_pairs(pairs, settings, measure.eval_features, seed, device, diagnose=True,
+                                model=measure.model)
         if result.get("diverged_seeds"):  # heads trained on this set diverged: it scores nothing (Tune stops it)
             log.warning("distill: heads trained on the current set diverged; its %s recall counts as 0", split)
             return {k: 0.0 for k in METRICS} | {"diverged": True}

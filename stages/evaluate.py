@@ -165,7 +165,8 @@ def set_diagnostics(heads: DualHeads, pairs: PairSet, device: torch.device) -> d
     return collapse_diagnostics(img, txt)
 
 
-def evaluate_pairs(pairs: PairSet, settings: TrainSettings, eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+def evaluate_pairs(pairs: PairSet, settings: TrainSettings,
+                   eval_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                    seeds: list[int], device: torch.device, diagnose: bool = False,
                    model: Callable[[], nn.Module] | None = None) -> dict[str, dict]:
     """Train once per seed on `pairs`, report retrieval on the eval split as mean +- std; with `diagnose`,

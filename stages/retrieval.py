@@ -335,25 +335,25 @@ def _faiss_search(db: Tensor, queries: Tensor, k: int):
     else:
         index = faiss.IndexFlatIP(d)
     index.add(np.ascontiguousarray(db.cpu().numpy(), dtype=np.float32))
-    D, I = index.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), k)
-    return torch.from_numpy(D), torch.from_numpy(I)
+    scores, ids = index.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), k)
+    return torch.from_numpy(scores), torch.from_numpy(ids)
 
 
-def _counts_from_topk(D: Tensor, is_gt: Tensor, max_k: int, n_db: int) -> tuple[Tensor, Tensor]:
+def _counts_from_topk(scores: Tensor, is_gt: Tensor, max_k: int, n_db: int) -> tuple[Tensor, Tensor]:
     """Capped strictly-higher counts from a sorted top-k (k = min(max_k + 1, n_db)) and a GT mask over it.
 
     Returns ``(count, ambiguous)``; ambiguous queries (no GT returned, tie at the max_k boundary) need an
     exact recomputation.
     """
-    nq, k = D.shape
+    nq, k = scores.shape
     found = is_gt.any(1)
     p = is_gt.to(torch.int8).argmax(1)  # first GT position (if any)
-    gt_score = D.gather(1, p[:, None])
+    gt_score = scores.gather(1, p[:, None])
     before = torch.arange(k)[None, :] < p[:, None]
-    count = ((D > gt_score) & before).sum(1)
+    count = ((scores > gt_score) & before).sum(1)
     ambiguous = torch.zeros(nq, dtype=torch.bool)
-    if k < n_db:  # k == max_k + 1: an unreturned GT item scores <= D[:, max_k]
-        boundary_tie = D[:, max_k] == D[:, max_k - 1]
+    if k < n_db:  # k == max_k + 1: an unreturned GT item scores <= scores[:, max_k]
+        boundary_tie = scores[:, max_k] == scores[:, max_k - 1]
         count = torch.where(found, count, torch.full_like(count, max_k))
         ambiguous = ~found & boundary_tie
     elif not bool(found.all()):  # everything was returned, so every query must have found its GT
@@ -380,8 +380,8 @@ def _counts_faiss(img: Tensor, txt: Tensor, c2i: Tensor, max_k: int):
 
     # IR: captions query the image index.
     k = min(max_k + 1, n_img)
-    D, I = _faiss_search(img, txt, k)
-    ir_count, amb = _counts_from_topk(D, I == c2i_cpu[:, None], max_k, n_img)
+    scores, ids = _faiss_search(img, txt, k)
+    ir_count, amb = _counts_from_topk(scores, ids == c2i_cpu[:, None], max_k, n_img)
     ir_count = ir_count.to(img.device)
     for chunk in torch.nonzero(amb).flatten().split(1024):
         chunk = chunk.to(img.device)
@@ -389,9 +389,9 @@ def _counts_faiss(img: Tensor, txt: Tensor, c2i: Tensor, max_k: int):
 
     # TR: images query the caption index.
     k = min(max_k + 1, n_cap)
-    D, I = _faiss_search(txt, img, k)
-    gt = (I >= 0) & (c2i_cpu[I.clamp(min=0)] == torch.arange(n_img)[:, None])
-    tr_count, amb = _counts_from_topk(D, gt, max_k, n_cap)
+    scores, ids = _faiss_search(txt, img, k)
+    gt = (ids >= 0) & (c2i_cpu[ids.clamp(min=0)] == torch.arange(n_img)[:, None])
+    tr_count, amb = _counts_from_topk(scores, gt, max_k, n_cap)
     tr_count = tr_count.to(img.device)
     for chunk in torch.nonzero(amb).flatten().split(256):
         chunk = chunk.to(img.device)

@@ -76,7 +76,8 @@ def test_a_fold_that_changes_the_function_is_caught_and_the_encoder_runs_unfolde
 
 def test_the_image_encoder_runs_its_folded_copy():
     model = _timm_lite0().float()
-    encoder = ImageEncoder("lite0-random", model, model.num_features, ImagePreprocess(image_size=SIZE, mean=HALF, std=HALF))
+    preprocess = ImagePreprocess(image_size=SIZE, mean=HALF, std=HALF)
+    encoder = ImageEncoder("lite0-random", model, model.num_features, preprocess)
     assert encoder.folded_batchnorms == 49 and encoder.folded is not None
     assert any(isinstance(m, nn.BatchNorm2d) for m in encoder.backbone.modules())
     assert not any(p.requires_grad for p in encoder.parameters())

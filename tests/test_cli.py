@@ -21,7 +21,8 @@ def test_console_script_is_installed():
     assert shutil.which("repblend") or (Path(sys.executable).parent / "repblend").exists()
     out = subprocess.run([sys.executable, "-m", "repblend.pipeline", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("run", "encode", "buffer", "distill", "refine", "invert", "eval", "tune", "export", "report", "convert"):
+    for command in ("run", "encode", "buffer", "distill", "refine", "invert", "eval", "tune", "export", "report",
+                    "convert"):
         assert command in out.stdout
 
 

@@ -25,7 +25,8 @@ def test_every_config_loads(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), "each config starts with a comment"
     command = "tune" if path.name.startswith("tune_") else "run"
-    assert f"repblend {command} --config configs/{path.name}" in path.read_text(), "each config shows its launch command"
+    assert f"repblend {command} --config configs/{path.name}" in path.read_text(), \
+        "each config shows its launch command"
     # the resolved YAML loads back to the same config
     assert load_config(None, []) is not None
     assert to_yaml(config) == to_yaml(load_config(path))

@@ -56,7 +56,8 @@ def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_p
     for label in ("default", "best"):
         assert 0 <= results["final"][label]["r_mean"]["mean"] <= 100
     best = load_config(run_dir / "best_config.yaml", [])
-    assert (best.blend.beta_a, best.blend.beta_b) == (results["best_params"]["beta_a"], results["best_params"]["beta_b"])
+    assert (best.blend.beta_a, best.blend.beta_b) == (results["best_params"]["beta_a"],
+                                                      results["best_params"]["beta_b"])
     assert "| default (beta_a=1, beta_b=1) |" in (run_dir / "tune_results.md").read_text()
     # the val images were held out of training: the train cache holds 24 of the 30 training images
     train_manifest = json.loads(next((tmp_path / "c").glob("train*.json")).read_text())
