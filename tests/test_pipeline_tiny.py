@@ -55,6 +55,21 @@ def test_chain_writes_a_synthetic_set(toy, tmp_path, space, caplog):
     assert 0.0 <= results["diagnostics"]["repblend"]["modality_probe"]["mean"] <= 1.0
     assert "| repblend | " in (tmp_path / "results.md").read_text().split("Collapse diagnostics")[1]
     assert "lors" in results["notes"] and "lors" not in results["methods"]  # not distilled by steps alone
+    assert set(results["gap_closed"]) == {"repblend", "init", "herding", "kcenter"}
+    assert "| repblend | " in (tmp_path / "results.md").read_text().split("random-to-full gap closed")[1]
+
+
+def test_gap_closed_is_the_share_of_the_random_to_full_gap():
+    def row(img: float, txt: float, r_mean: float) -> dict:
+        return {"img_r10": {"mean": img}, "txt_r10": {"mean": txt}, "r_mean": {"mean": r_mean}}
+
+    methods = {"repblend": row(50, 20, 44), "random": row(20, 20, 10), "full": row(60, 68, 10), "init": row(10, 44, 9)}
+    assert evaluation.gap_closed(methods) == {"repblend": {"img_r10": 0.75, "txt_r10": 0.0, "r_mean": None},
+                                              "init": {"img_r10": -0.25, "txt_r10": 0.5, "r_mean": None}}
+    assert evaluation.gap_closed({"repblend": row(50, 20, 44), "full": row(60, 68, 10)}) == {}
+    table = evaluation.results_table({"methods": {}, "gap_closed": evaluation.gap_closed(methods), "pairs": 99,
+                                      "eval_split": "dev", "seeds": [1]})
+    assert "| repblend | 0.75 | 0.00 | - |" in table and "| init | -0.25 | 0.50 | - |" in table
 
 
 @pytest.mark.parametrize(("option", "real_loss"), [("auto", "clip"), ("clip", "clip"), ("wbce", "wbce")])
