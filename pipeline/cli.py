@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="results table and plots of a run directory")
     report.add_argument("run_dir_pos", metavar="RUN_DIR")
     report.add_argument("--debug", action="store_true")
+    compare = sub.add_parser("compare", help="one results table over several run directories, with G and what "
+                             "differs between their configs")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--methods", help="comma-separated rows to keep, e.g. repblend,lors (default: all)")
+    compare.add_argument("--out", help="also write the table to this Markdown file")
+    compare.add_argument("--debug", action="store_true")
     return parser
 
 
@@ -71,6 +77,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir_pos)
         require_run_dir(run_dir)
         print(write_report(run_dir, *pixel_sources(run_dir)))
+        return 0
+
+    if args.command == "compare":
+        from repblend.pipeline.compare import compare_table
+        from repblend.stages.io import write_text
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        table = compare_table([Path(d) for d in args.run_dirs], methods)
+        if args.out:
+            write_text(args.out, table)
+        print(table, end="")
         return 0
 
     from repblend.pipeline import steps

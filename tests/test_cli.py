@@ -22,7 +22,7 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "repblend.pipeline", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for command in ("run", "encode", "buffer", "distill", "refine", "invert", "eval", "tune", "export", "report",
-                    "convert"):
+                    "convert", "compare"):
         assert command in out.stdout
 
 

@@ -65,3 +65,39 @@ def test_report_counts_the_spike_guards_actions(tmp_path):
     (tmp_path / "distill" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = write_report(tmp_path).read_text()
     assert "Spike guard (distill.rewind_loss): 3 updates skipped, 1 rewinds at iterations 4 (rewound to 0)." in report
+
+
+def _fake_run(run_dir, pairs: int, repblend: float, lr_img: float) -> None:
+    """A run directory as `repblend run` leaves it, as far as `compare` reads it."""
+    from repblend.stages.io import write_json
+
+    def row(value: float) -> dict:
+        return {k: {"mean": value, "std": 0.5} for k in ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5",
+                                                           "txt_r10", "r_mean")}
+
+    write_json(run_dir / "results.json", {"methods": {"repblend": row(repblend), "random": row(20), "full": row(60)},
+                                          "pairs": pairs, "eval_split": "dev", "seeds": [1, 2]})
+    (run_dir / "config.yaml").write_text(f"run:\n  name: {run_dir.name}\n  seed: 0\ndistill:\n  num_queries: {pairs}\n"
+                                         f"  lr_img: {lr_img}\n  iterations: 300\nbuffer:\n  dir: {run_dir}/buffer\n")
+
+
+def test_compare_tables_several_runs_with_g_and_what_differs(tmp_path, capsys):
+    from repblend.pipeline.cli import main
+
+    for name, pairs, repblend in (("a", 99, 50.0), ("b", 199, 55.0)):
+        (tmp_path / name).mkdir()
+        _fake_run(tmp_path / name, pairs, repblend, lr_img=100)
+    out_file = tmp_path / "compare.md"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--methods", "repblend",
+                 "--out", str(out_file)]) == 0
+    table = capsys.readouterr().out
+    assert out_file.read_text() == table
+    rows = [line for line in table.splitlines() if line.startswith(f"| {tmp_path}")]
+    # G = (set - random) / (full - random): (50 - 20) / 40 and (55 - 20) / 40
+    assert rows == [f"| {tmp_path / 'a'} | 99 | repblend | " + " | ".join(["50.0 ± 0.5"] * 3 + ["0.75"] * 3) + " |",
+                    f"| {tmp_path / 'b'} | 199 | repblend | " + " | ".join(["55.0 ± 0.5"] * 3 + ["0.88"] * 3) + " |"]
+    # names and paths differ too, but only the settings are listed
+    assert f"- {tmp_path / 'a'}: distill.num_queries=99\n- {tmp_path / 'b'}: distill.num_queries=199" in table
+
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path)]) != 0
+    assert f"{tmp_path}: no results.json" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""`repblend compare RUN_DIR...`: one table over several runs (budgets, settings, seeds) from their results.json.
+
+A study is several runs (100, 200 and 500 pairs; a sweep; pixel against feature space); each run's results.md has
+its own table, and comparing them meant copying numbers by hand. This reads only the run directories, so it works
+on copies of runs made elsewhere, and names the settings in which the runs' configs differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from repblend.pipeline.evaluation import GAP_METRICS, gap_closed
+from repblend.stages.errors import DataError
+from repblend.stages.io import read_json
+
+# keys that differ between runs without changing what a run measures: where its files go, how it logs
+_NOT_SETTINGS = ("data.root", "run.name", "run.progress", "run.progress_every", "run.tensorboard")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _differences(configs: list[dict]) -> list[dict[str, object]]:
+    """Per run, the settings whose values are not the same in every run (paths and logging left out)."""
+    flats = [_flat(c) for c in configs]
+    keys = sorted({k for flat in flats for k in flat})
+    differing = [k for k in keys if k not in _NOT_SETTINGS and not k.endswith(".dir")
+                 and len({repr(flat.get(k)) for flat in flats}) > 1]
+    return [{k: flat.get(k) for k in differing} for flat in flats]
+
+
+def load_run(run_dir: Path) -> tuple[dict, dict]:
+    """A run's results.json and resolved config.yaml; a folder without results is named in one line."""
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise DataError(f"{run_dir}: no results.json (not a run directory, or not evaluated yet: `repblend eval`)")
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    return read_json(results_path), config or {}
+
+
+def compare_table(run_dirs: list[Path], methods: list[str] | None = None) -> str:
+    """Markdown: a row per run and method (IR@10, TR@10, r_mean as mean ± std, and G), then what differs."""
+    runs = [(run_dir, *load_run(run_dir)) for run_dir in run_dirs]
+    differences = _differences([config for _, _, config in runs])
+    header = ["run", "pairs", "method", "IR@10", "TR@10", "r_mean", *(f"G {key}" for key in GAP_METRICS)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for run_dir, results, _ in runs:
+        shares = results.get("gap_closed") or gap_closed(results["methods"])  # runs evaluated before G was kept
+        for name, metrics in results["methods"].items():
+            if methods and name not in methods:
+                continue
+            cells = [f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k in ("img_r10", "txt_r10", "r_mean")]
+            gaps = ["-" if shares.get(name, {}).get(k) is None else f"{shares[name][k]:.2f}" for k in GAP_METRICS]
+            lines.append(f"| {run_dir} | {results['pairs']} | {name} | " + " | ".join(cells + gaps) + " |")
+    if any(differences):
+        lines += ["", "Settings that differ between the runs:", ""]
+        lines += [f"- {run_dir}: " + ", ".join(f"{k}={v}" for k, v in diff.items())
+                  for (run_dir, _, _), diff in zip(runs, differences)]
+    elif len(runs) > 1:
+        lines += ["", "The runs' configs are the same (paths and logging aside)."]
+    return "\n".join(lines) + "\n"
