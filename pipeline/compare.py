@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from repblend.pipeline.evaluation import GAP_METRICS, gap_closed
+from repblend.pipeline.evaluation import GAP_METRICS, gap_closed, share_cell
 from repblend.stages.errors import DataError
 from repblend.stages.io import read_json
 
@@ -60,8 +60,8 @@ def compare_table(run_dirs: list[Path], methods: list[str] | None = None) -> str
         for name, metrics in results["methods"].items():
             if methods and name not in methods:
                 continue
-            cells = [f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k in ("img_r10", "txt_r10", "r_mean")]
-            gaps = ["-" if shares.get(name, {}).get(k) is None else f"{shares[name][k]:.2f}" for k in GAP_METRICS]
+            cells = [f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k in GAP_METRICS]
+            gaps = [share_cell(shares.get(name, {}).get(k)) for k in GAP_METRICS]
             lines.append(f"| {run_dir} | {results['pairs']} | {name} | " + " | ".join(cells + gaps) + " |")
     if any(differences):
         lines += ["", "Settings that differ between the runs:", ""]

@@ -340,6 +340,11 @@ def gap_closed(methods: dict) -> dict[str, dict[str, float | None]]:
             if name not in ("random", "full")}
 
 
+def share_cell(share: float | None) -> str:
+    """A G value in a table: two decimals, '-' where it is undefined (full <= random, or no such rows)."""
+    return "-" if share is None else f"{share:.2f}"
+
+
 def results_table(results: dict) -> str:
     header = "| method | " + " | ".join(METRICS) + " |"
     lines = [f"Retrieval on {results['eval_split']}, {results['pairs']} pairs, mean ± std over "
@@ -354,8 +359,7 @@ def results_table(results: dict) -> str:
                   "", "| set | " + " | ".join(f"G {key}" for key in GAP_METRICS) + " |",
                   "|---" * (len(GAP_METRICS) + 1) + "|"]
         for name, shares in results["gap_closed"].items():
-            cells = ["-" if shares[key] is None else f"{shares[key]:.2f}" for key in GAP_METRICS]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(share_cell(shares[key]) for key in GAP_METRICS) + " |")
     diverged = [f"{name} in {m['diverged_seeds']} of {len(results['seeds'])} seeds"
                 for name, m in results["methods"].items() if m.get("diverged_seeds")]
     if diverged:

@@ -76,10 +76,20 @@ def tensors_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's content, read in blocks: keys for results derived from large files."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file's content, read in blocks: keys for results derived from large files. Kept per process
+    while the file's identity, size and modification time stay the same (every artifact here is replaced by a rename,
+    which changes them), so the several keys of one evaluation read a feature cache once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    identity = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if identity not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        _DIGESTS[identity] = digest.hexdigest()
+    return _DIGESTS[identity]

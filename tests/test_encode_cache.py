@@ -108,3 +108,19 @@ def test_corrupt_jpeg_skipped_when_asked(toy, tmp_path):
     assert train.image_features.shape[0] == 11 and train.text_features.shape[0] == 55
     assert "toy_00003.jpg" not in train.image_ids
     assert caches["train"].manifest()["skipped_images"] == 1
+
+
+def test_file_digest_is_the_content_hash_and_follows_rewrites(tmp_path):
+    """Kept per process, but never stale: a file replaced by a rename, or appended to, is hashed again."""
+    import hashlib
+
+    from repblend.stages.io import file_digest, write_tensors
+
+    path = tmp_path / "set.safetensors"
+    write_tensors(path, {"a": torch.arange(10.0)})
+    assert file_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest() == file_digest(str(path))
+    write_tensors(path, {"a": torch.arange(10.0) + 1})  # same size, new file renamed into place
+    assert file_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("ab") as f:
+        f.write(b"x")
+    assert file_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
