@@ -46,6 +46,12 @@ def raise_task_failure(failure: ray.exceptions.RayTaskError, others: Iterable[ra
     raise failure
 
 
+# Ray Train's preemption watcher (an actor per Train run) follows nodes that a cloud may take back. The embedded Ray is
+# one machine that nothing preempts, and starting the watcher there logs an "E" line from the controller's core
+# worker at every group start (its constructor arguments sit in the object store), which reads as a failure.
+EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def _embedded(config: RayConfig) -> bool:
     return not (config.address or os.environ.get("RAY_ADDRESS", ""))
 
@@ -104,6 +110,6 @@ def ensure_ray(config: RayConfig) -> dict[str, float]:
             _quiet_token_auth_notice()
             ray.init(address="local", num_cpus=config.num_cpus or None, num_gpus=config.num_gpus or None,
                      include_dashboard=False, log_to_driver=True,
-                     runtime_env={"worker_process_setup_hook": quiet_state_api_users})
+                     runtime_env={"worker_process_setup_hook": quiet_state_api_users, "env_vars": EMBEDDED_ENV})
         log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
     return ray.cluster_resources()

@@ -9,9 +9,12 @@ here: trials call the same stage functions as `repblend distill`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -114,6 +117,23 @@ def _tuner(config: Config, caches: dict[str, FeatureCache], tune_dir: Path,
         run_config=tune.RunConfig(name=experiment.name, storage_path=str(tune_dir), verbose=0))
 
 
+@contextlib.contextmanager
+def _legacy_tune_output() -> Iterator[None]:
+    """Tune's newer console output prints, even at verbose=0, a TensorBoard command for the driver's staging folder
+    in Ray's session directory, which holds no trial's events and is gone with the session. Its older output, chosen by
+    RAY_AIR_NEW_OUTPUT=0 (read by the driver when the search starts), is silent at verbose=0 and logs the experiment
+    folder when it ends; the right folder is logged before the search."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
 def _trial_rows(grid, max_reports: int) -> list[dict]:
     rows = []
     for result in grid:
@@ -181,7 +201,10 @@ def run_tune(config: Config, run_dir: Path) -> dict:
     ensure_ray(config.ray)
     resources = _trial_resources(config)
     steps.buffer(config, run_dir, caches, expert_runner(config, run_dir / "buffer", caches))
-    grid = _tuner(config, caches, run_dir, resources).fit()
+    log.info("tune: %d trials; their results and TensorBoard events go to %s (tensorboard --logdir %s)",
+             config.tune.num_samples, run_dir / "experiment", run_dir / "experiment")
+    with _legacy_tune_output():
+        grid = _tuner(config, caches, run_dir, resources).fit()
     max_reports = config.tune.short_iterations // config.tune.report_every
     rows = _trial_rows(grid, max_reports)
     scored = [r for r in rows if r["val_r_mean"] is not None]

@@ -149,7 +149,7 @@ def test_bench_encoder_small(capsys):
 
 
 def test_bench_lors_small(capsys):
-    figures = _load("lors").main(["--small", "--threads", "1", "--smooth"])
+    figures = _load("lors").main(["--small", "--threads", "1", "--smooth", "--warmup", "0", "--syn-steps", "2"])
     out = capsys.readouterr().out
     assert "against float64" in out and "SiLU for ReLU6" in out
     assert [r["form"] for r in figures["rows"]] == ["plain", "loop-free", "loop-free + folded"]

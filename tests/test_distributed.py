@@ -138,24 +138,21 @@ def _distill_on_two_workers_and_check(config, run_dir, caches):
 
 
 def test_two_train_workers_average_what_one_process_averages(ray_session, toy, tmp_path, monkeypatch, caplog):
-    from repblend.distributed.train import FAULT_ENV, distill_with_ray
+    """Rank 0 dies after iteration 3 (checkpoint at 2): the group restarts from that checkpoint and still ends with
+    the set that one process averaging both ranks' gradients makes, so one Train run (a start costs ~20 s on 2
+    cores) checks both the all-reduce and the resume."""
+    from repblend.distributed.train import FAULT_ENV
 
     config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY, *DISTILL])
     caches = steps.encode(config)
-    synthetic = _distill_on_two_workers_and_check(config, tmp_path / "straight", caches)
-
-    # a worker that dies after iteration 3 (checkpoint at 2): the group restarts and ends with the same set
     marker = tmp_path / "rank0_killed_once"
     monkeypatch.setenv(FAULT_ENV, f"3:{marker}")
-    steps.buffer(config, tmp_path / "killed", caches)
     with caplog.at_level(logging.WARNING, logger="repblend"):
-        resumed = load_file(str(distill_with_ray(config, tmp_path / "killed", caches)))
+        _distill_on_two_workers_and_check(config, tmp_path / "killed", caches)
     retries = [r.getMessage() for r in caplog.records if "restarting" in r.getMessage()]
     assert len(retries) == 1 and retries[0].startswith("distill: the Ray Train worker group failed (")
     assert retries[0].endswith("restarting it from the last checkpoint, retry 1 of 3 (ray.max_retries)")
     assert marker.exists(), "the fault was not injected: the test would prove nothing"
-    for key in ("images", "texts", "similarity", "syn_lr_img", "syn_lr_txt"):
-        torch.testing.assert_close(resumed[key], synthetic[key], rtol=0, atol=0)
     iterations = [json.loads(line)["iteration"]
                   for line in (tmp_path / "killed" / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert iterations == [1, 2, 3, 4]  # the iteration redone after the restart is logged once
@@ -191,6 +188,8 @@ def test_a_diverging_train_worker_raises_its_own_one_line_error(ray_session, toy
     # Train's placement-group cleaner, without the State API of a dashboard, warned once a second throughout
     captured = capfd.readouterr()
     assert "PlacementGroupCleaner" not in captured.out + captured.err
+    # nor, on a single machine that nothing can preempt, Train's preemption watcher's error line at every group start
+    assert "PreemptionWatcher" not in captured.out + captured.err
 
 
 def test_lors_on_two_train_workers_averages_what_one_process_averages(ray_session, toy, tmp_path):

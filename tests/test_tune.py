@@ -1,6 +1,7 @@
 """`repblend tune`: a small search completes, selects on the held-out val split, compares with Beta(1, 1)."""
 
 import json
+import logging
 
 import pytest
 
@@ -41,13 +42,20 @@ def test_tune_refuses_to_run_without_ray(tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_path, capsys):
+def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_path, capfd, caplog):
     toy = make_toy_dataset(tmp_path / "toy", n_train=30, n_dev=8, size=32)
     run_dir = tmp_path / "run"
-    code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={toy}", f"cache.dir={tmp_path / 'c'}",
-                 "--run-dir", str(run_dir), *TINY, "data.val_images=6", "tune.num_samples=4",
-                 "tune.short_iterations=4", "tune.report_every=2", "tune.max_concurrent_trials=2"])
-    assert code == 0, capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="repblend"):
+        code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={toy}",
+                     f"cache.dir={tmp_path / 'c'}", "--run-dir", str(run_dir), *TINY, "data.val_images=6",
+                     "tune.num_samples=4", "tune.short_iterations=4", "tune.report_every=2",
+                     "tune.max_concurrent_trials=2"])
+    output = capfd.readouterr()
+    assert code == 0, output.err
+    # where each trial's TensorBoard events are, and no command pointing at Ray's session folder, which has none
+    assert f"(tensorboard --logdir {run_dir / 'experiment'})" in caplog.text
+    assert len(list((run_dir / "experiment").glob("_trial_*/events.out.tfevents.*"))) == 4
+    assert "/tmp/ray" not in output.out + output.err and "--logdir" not in output.out + output.err
     results = json.loads((run_dir / "tune_results.json").read_text())
     assert results["num_trials"] == 4 and results["select_split"] == "val" and results["eval_split"] == "dev"
     assert {"beta_a": 1.0, "beta_b": 1.0} in [t["params"] for t in results["trials"]]  # the search is seeded with it
