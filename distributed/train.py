@@ -20,7 +20,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from repblend.distributed.cluster import ensure_ray, require_resources
+from repblend.distributed.cluster import ensure_ray, require_resources, worker_logging
 from repblend.distributed.faults import die_once, forwarded
 from repblend.distributed.paths import absolute
 from repblend.pipeline import steps
@@ -70,6 +70,7 @@ def _train_fn(loop: dict) -> None:
     config: Config = loop["config"]
     run_dir, caches = Path(loop["run_dir"]), loop["caches"]
     rank = ray.train.get_context().get_world_rank()
+    worker_logging()
     _quiet_train_reports()
     torch.set_num_threads(max(1, int(config.ray.worker_cpus)))
     job = steps.build_distiller(config, run_dir, caches, ray.train.torch.get_device(), rank=rank,
