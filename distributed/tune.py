@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -104,6 +105,7 @@ def _tuner(config: Config, caches: dict[str, FeatureCache], tune_dir: Path,
         log.info("tune: resuming the search in %s", experiment)
         return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
     max_reports = config.tune.short_iterations // config.tune.report_every
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" in the run's log
     return tune.Tuner(
         trainable,
         param_space=space,
