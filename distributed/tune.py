@@ -9,13 +9,12 @@ here: trials call the same stage functions as `repblend distill`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import optuna
 import ray
@@ -101,11 +100,13 @@ def _tuner(config: Config, caches: dict[str, FeatureCache], tune_dir: Path,
     trainable = tune.with_resources(
         tune.with_parameters(_trial, config=config, caches=caches, tune_dir=str(tune_dir)), resources)
     experiment = tune_dir / "experiment"
+    log.info("tune: %d trials; their results and TensorBoard events go to %s (tensorboard --logdir %s)",
+             config.tune.num_samples, experiment, experiment)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" in the run's log
     if tune.Tuner.can_restore(str(experiment)):  # a killed search continues where it stopped
         log.info("tune: resuming the search in %s", experiment)
         return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
     max_reports = config.tune.short_iterations // config.tune.report_every
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" in the run's log
     return tune.Tuner(
         trainable,
         param_space=space,
@@ -117,23 +118,6 @@ def _tuner(config: Config, caches: dict[str, FeatureCache], tune_dir: Path,
                                     grace_period=min(config.tune.grace_period, max_reports),
                                     reduction_factor=config.tune.reduction_factor)),
         run_config=tune.RunConfig(name=experiment.name, storage_path=str(tune_dir), verbose=0))
-
-
-@contextlib.contextmanager
-def _legacy_tune_output() -> Iterator[None]:
-    """Tune's newer console output prints, even at verbose=0, a TensorBoard command for the driver's staging folder
-    in Ray's session directory, which holds no trial's events and is gone with the session. Its older output, chosen by
-    RAY_AIR_NEW_OUTPUT=0 (read by the driver when the search starts), is silent at verbose=0 and logs the experiment
-    folder when it ends; the right folder is logged before the search."""
-    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["RAY_AIR_NEW_OUTPUT"]
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def _trial_rows(grid, max_reports: int) -> list[dict]:
@@ -203,9 +187,10 @@ def run_tune(config: Config, run_dir: Path) -> dict:
     ensure_ray(config.ray)
     resources = _trial_resources(config)
     steps.buffer(config, run_dir, caches, expert_runner(config, run_dir / "buffer", caches))
-    log.info("tune: %d trials; their results and TensorBoard events go to %s (tensorboard --logdir %s)",
-             config.tune.num_samples, run_dir / "experiment", run_dir / "experiment")
-    with _legacy_tune_output():
+    # Tune's newer console output prints, even at verbose=0, a TensorBoard command for the driver's staging folder in
+    # Ray's session directory, which holds no trial's events and is gone with the session. Its older output
+    # (RAY_AIR_NEW_OUTPUT=0, read when the search starts) is silent at verbose=0; _tuner logs the right folder.
+    with mock.patch.dict(os.environ, {"RAY_AIR_NEW_OUTPUT": "0"}):
         grid = _tuner(config, caches, run_dir, resources).fit()
     max_reports = config.tune.short_iterations // config.tune.report_every
     rows = _trial_rows(grid, max_reports)
