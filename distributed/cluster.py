@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from typing import NoReturn
 
@@ -97,6 +98,8 @@ def _quiet_token_auth_notice() -> None:
 def ensure_ray(config: RayConfig) -> dict[str, float]:
     """Initialise Ray once per process and return the cluster's resources."""
     if not ray.is_initialized():
+        if not sys.stderr.isatty():  # Ray colours each worker line's prefix, escape codes and all, even into a log file
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         address = config.address or os.environ.get("RAY_ADDRESS", "")
         if address:
             if config.num_cpus or config.num_gpus:

@@ -28,6 +28,7 @@ from repblend.distributed.encode import images_encoder_for
 from repblend.distributed.paths import absolute
 from repblend.pipeline import evaluation, steps
 from repblend.pipeline.config import Config, to_yaml
+from repblend.pipeline.evalrows import log as row_logger, log_row
 from repblend.stages.encode import FeatureCache
 from repblend.stages.distiller import DivergenceError
 from repblend.stages.errors import ConfigError, DataError, RepblendError
@@ -133,16 +134,17 @@ def _trial_rows(grid, max_reports: int) -> list[dict]:
 
 
 def _final(config: Config, params: dict, run_dir: Path, caches: dict[str, FeatureCache]) -> dict:
-    """Full-length distillation with `params`, evaluated on the eval split (seeds, mean +- std)."""
+    """Full-length distillation with `params`, evaluated on the eval split: its row and its initial pairs' row
+    (mean +- std over seeds), or {"error": ...} where it diverged."""
     full = with_params(config, params)
     full = dataclasses.replace(full, eval=dataclasses.replace(full.eval, methods=["repblend"]))
     write_text(run_dir / "config.yaml", to_yaml(full))
     try:
         steps.distill(full, run_dir, caches)
     except DivergenceError as exc:  # a finding about these parameters, not a reason to lose the search
-        log.warning("tune: the full-length run in %s diverged: %s", run_dir, exc)
         return {"error": str(exc)}
-    return evaluation.evaluate(full, run_dir, caches)["methods"]["repblend"]
+    methods = evaluation.evaluate(full, run_dir, caches)["methods"]
+    return {"repblend": methods["repblend"], "init": methods["init"]}
 
 
 @ray.remote
@@ -151,8 +153,14 @@ def _final_task(config: Config, params: dict, run_dir: str, caches: dict[str, Fe
     import torch
 
     worker_logging(f"{Path(run_dir).name} run")
+    # Ray forwards a worker's lines to the driver's terminal late, after the driver's results table if they are the
+    # task's last: the driver logs this run's rows (and a divergence) when the task is back
+    row_logger.setLevel(logging.ERROR)
     torch.set_num_threads(max(1, int(config.tune.trial_cpus)))
-    return _final(config, params, Path(run_dir), caches)
+    try:
+        return _final(config, params, Path(run_dir), caches)
+    finally:
+        row_logger.setLevel(logging.NOTSET)  # Ray reuses the worker process for other tasks
 
 
 def _finals(config: Config, runs: dict[str, dict], run_dir: Path, caches: dict[str, FeatureCache],
@@ -162,9 +170,16 @@ def _finals(config: Config, runs: dict[str, dict], run_dir: Path, caches: dict[s
     task = _final_task.options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
     refs = {label: task.remote(config, params, str(run_dir / label), caches) for label, params in runs.items()}
     try:
-        return {label: ray.get(ref) for label, ref in refs.items()}
+        finals = {label: ray.get(ref) for label, ref in refs.items()}
     except ray.exceptions.RayTaskError as exc:
         raise_task_failure(exc, refs.values())
+    for label, final in finals.items():
+        if "error" in final:
+            log.warning("tune: the full-length %s run in %s diverged: %s", label, run_dir / label, final["error"])
+            continue
+        for method in ("repblend", "init"):
+            log_row(f"[{label} run] {method}", final[method], f"on {config.data.eval_split}")
+    return finals
 
 
 def run_tune(config: Config, run_dir: Path) -> dict:
@@ -207,7 +222,10 @@ def run_tune(config: Config, run_dir: Path) -> dict:
     _write(run_dir, results)  # the search is on disk before the long reruns start
     finals = _finals(config, {"default": default, **({"best": best_params} if best_params != default else {})},
                      run_dir, caches, resources)
-    results["final"] = {"default": finals["default"], "best": finals.get("best", finals["default"])}
+    rows = {label: final.get("repblend", final) for label, final in finals.items()}  # or its error
+    results["final"] = {"default": rows["default"], "best": rows.get("best", rows["default"])}
+    # both runs start from the same real pairs (the seed picks them; the searched parameters do not)
+    results["initial_pairs"] = next((final["init"] for final in finals.values() if "init" in final), None)
     _write(run_dir, results)
     return results
 
@@ -230,10 +248,14 @@ def tune_table(results: dict) -> str:
     lines += ["", f"Full length ({results['full_iterations']} iterations), evaluated on {results['eval_split']}, "
               "mean ± std over evaluation seeds:", "", "| run | " + " | ".join(METRICS) + " |",
               "|---" * (len(METRICS) + 1) + "|"]
-    for label, metrics in results["final"].items():
-        params = results["default_params"] if label == "default" else results["best_params"]
-        name = f"{label} ({', '.join(f'{k}={v:g}' for k, v in params.items())})"
+    def row(name: str, metrics: dict) -> str:
         cells = ([f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k in METRICS] if "error" not in metrics
                  else ["diverged"] + [""] * (len(METRICS) - 1))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    for label, metrics in results["final"].items():
+        params = results["default_params"] if label == "default" else results["best_params"]
+        lines.append(row(f"{label} ({', '.join(f'{k}={v:g}' for k, v in params.items())})", metrics))
+    if results.get("initial_pairs"):
+        lines.append(row("initial pairs (the real pairs both runs start from)", results["initial_pairs"]))
     return "\n".join(lines) + "\n"

@@ -22,7 +22,9 @@ import torch
 
 from repblend.stages.io import read_json, write_json
 
-log = logging.getLogger("repblend")
+# a child of "repblend" (same handlers and level), so that a caller can quiet the row lines alone: `repblend tune`
+# logs its reruns' rows from the driver
+log = logging.getLogger("repblend.eval")
 
 
 @cache

@@ -30,6 +30,7 @@ import difflib
 import importlib.util
 import math
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -574,7 +575,13 @@ def minilm_package_dir() -> Path:
 def _load_hf(name: str, source: str, label: str, local: bool, random_init: bool, pooling: str,
              max_length: int) -> TextEncoder:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # transformers draws a "Loading weights" bar, which off a terminal (a log file, a Ray worker) is a line of
+    # carriage returns; repblend's own progress there is log lines (stages/progress.py)
+    quiet = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         if random_init:
@@ -584,6 +591,9 @@ def _load_hf(name: str, source: str, label: str, local: bool, random_init: bool,
     except Exception as exc:
         where = f"the hub id {source!r} (offline?)" if not local else source
         raise EncoderError(f"text encoder {name!r}: cannot load from {where} ({_first_line(exc)})") from exc
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     if not hasattr(model, "config") or not hasattr(model.config, "hidden_size"):
         raise EncoderError(f"text encoder {name!r}: {source} is not an encoder model with a hidden_size")
     return TextEncoder(name, model.float(), tokenizer, pooling=pooling, max_length=max_length, weights=label)

@@ -296,3 +296,24 @@ def test_more_than_the_local_ray_has_is_refused_in_one_line_not_waited_for(ray_s
     with caplog.at_level(logging.WARNING, logger="repblend"):  # an attached cluster may grow: warned, not refused
         require_resources(RayConfig(address="auto"), {"CPU": 8}, "a big task", "it")
     assert "a big task needs 8 CPU (the cluster has 2): Ray waits until the cluster has them" in caplog.text
+
+
+def test_worker_lines_reach_a_log_file_without_colour_codes(ray_session, capfd):
+    """Off a terminal (here pytest's capture; a log file, Slurm) Ray would wrap each forwarded worker line's prefix in
+    colour escape codes. Ray forwards worker output asynchronously: wait for the line, then read it."""
+    import sys
+    import time
+
+    import ray
+
+    @ray.remote
+    def shout() -> None:
+        print("repblend colour probe", file=sys.stderr, flush=True)
+
+    ray.get(shout.remote())
+    seen, deadline = "", time.monotonic() + 60
+    while "repblend colour probe" not in seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+        seen += "".join(capfd.readouterr())
+    line = next(line for line in seen.splitlines() if "repblend colour probe" in line)
+    assert line.startswith("(shout pid=") and "\x1b[" not in line, repr(line)

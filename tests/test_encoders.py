@@ -182,6 +182,14 @@ def test_minilm_package(minilm):
     assert same > other + 0.3, (float(same), float(other))
 
 
+def test_loading_minilm_off_a_terminal_draws_no_bar_and_leaves_transformers_bars_on(capfd):
+    from transformers.utils import logging as hf_logging
+
+    build_text_encoder("all-MiniLM-L6-v2", weights="package", pooling="mean")  # stderr is pytest's capture here
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # switched off for the load only
+
+
 def test_minilm_cls_and_mean_pooling_differ(minilm):
     cls = build_text_encoder("minilm", weights="package", pooling="cls")
     assert cls.name == "all-MiniLM-L6-v2" and cls.pooling == "cls"

@@ -65,6 +65,10 @@ def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_p
     assert any(t["completed"] for t in results["trials"])
     for label in ("default", "best"):
         assert 0 <= results["final"][label]["r_mean"]["mean"] <= 100
+        # the reruns' rows are logged by the driver once their tasks are back, so they come before the table
+        assert f"eval [{label} run] repblend: img_r10 {results['final'][label]['img_r10']['mean']:.2f}" in caplog.text
+    assert 0 <= results["initial_pairs"]["r_mean"]["mean"] < 100
+    assert "| initial pairs (the real pairs both runs start from) |" in (run_dir / "tune_results.md").read_text()
     best = load_config(run_dir / "best_config.yaml", [])
     assert (best.blend.beta_a, best.blend.beta_b) == (results["best_params"]["beta_a"],
                                                       results["best_params"]["beta_b"])
