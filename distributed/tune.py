@@ -248,6 +248,7 @@ def tune_table(results: dict) -> str:
     lines += ["", f"Full length ({results['full_iterations']} iterations), evaluated on {results['eval_split']}, "
               "mean ± std over evaluation seeds:", "", "| run | " + " | ".join(METRICS) + " |",
               "|---" * (len(METRICS) + 1) + "|"]
+
     def row(name: str, metrics: dict) -> str:
         cells = ([f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k in METRICS] if "error" not in metrics
                  else ["diverged"] + [""] * (len(METRICS) - 1))
