@@ -102,8 +102,12 @@ def build(args: argparse.Namespace, pairs: int, encoder: torch.nn.Module, trajs:
     images = torch.randn(pairs, 3, args.image_size, args.image_size, generator=g)
     texts = torch.randn(pairs, args.text_dim, generator=g)
     syn = SyntheticSet(images, texts, sim_rank=min(10, pairs), sim_alpha=3.0, lr_init=0.1, generator=g)
+    student = "flat"
+    if grad_mode == "factored":  # the exact unroll with factored student heads (distill.student=factored)
+        grad_mode, student = "unroll", "factored"
     settings = DistillSettings(syn_steps=args.syn_steps, expert_epochs=EXPERT_EPOCHS, max_start_epoch=MAX_START,
-                               mini_batch_size=args.mini_batch, grad_mode=grad_mode, encode_chunk=encode_chunk)
+                               mini_batch_size=args.mini_batch, grad_mode=grad_mode, encode_chunk=encode_chunk,
+                               student=student)
     # small outer lrs: random data must not diverge while being timed
     outer = OuterSettings(lr_img=1e-3, lr_txt=1e-3, lr_lr=1e-6, lr_sim=1e-3)
     return Distiller(syn, trajs, specs, settings, outer, seed=args.seed, image_encoder=encoder, device=device,
@@ -173,7 +177,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--syn-steps", type=int, default=8)
     ap.add_argument("--mini-batch", type=int, default=20)
     ap.add_argument("--experts", type=int, default=2)
-    ap.add_argument("--fast-modes", nargs="+", default=["tesla", "unroll"], choices=["tesla", "unroll"])
+    ap.add_argument("--fast-modes", nargs="+", default=["tesla", "unroll"], choices=["tesla", "unroll", "factored"],
+                    help="grad modes of the fast path; factored: the exact unroll with factored student heads "
+                         "(distill.student=factored)")
     ap.add_argument("--encode-chunks", type=int, nargs="+", default=[0, 20],
                     help="fast path's distill.encode_chunk values (0 = keep the whole encoder graph)")
     ap.add_argument("--compile", nargs="*", default=[], metavar="MODE",

@@ -226,6 +226,10 @@ class DistillConfig:
     loss: str = "wbce"  # wbce | clip
     merge_loss_branches: bool = False  # COCO scripts: (img + txt) / (D_img + D_txt)
     grad_mode: str = "unroll"  # unroll (exact; faster here) | tesla (the references' constant-memory two passes)
+    # how the exact unroll holds a student head: flat (a parameter vector per step) | factored (each weight matrix as
+    # the snapshot plus the steps' low-rank moves, stages/factored.py: same gradients, less memory and time on a CPU)
+    # | auto (factored on a CPU for RepBlend's heads, flat elsewhere: not yet measured on a GPU)
+    student: str = "auto"
     pix_init: str = "real"  # real | noise
     # feature space: keep the synthetic image features inside the range of the cached real ones (for an encoder
     # ending in ReLU6 + pooling, [0, 6]), which is what the encoder can produce: a set that can be inverted to pixels
@@ -248,6 +252,10 @@ class DistillConfig:
         _choice("distill.sim_type", self.sim_type, ("lowrank", "full"))
         _choice("distill.loss", self.loss, ("wbce", "clip"))
         _choice("distill.grad_mode", self.grad_mode, ("tesla", "unroll"))
+        _choice("distill.student", self.student, ("auto", "flat", "factored"))
+        if self.student == "factored" and (self.grad_mode != "unroll" or self.mode != "repblend"):
+            raise ConfigError(f"distill.student=factored factors the exact unroll of two projection heads: it needs "
+                              f"distill.grad_mode=unroll and distill.mode=repblend (got {self.grad_mode}, {self.mode})")
         _choice("distill.pix_init", self.pix_init, ("real", "noise"))
         _choice("distill.optimizer", self.optimizer, ("sgd", "adam"))
         _choice("distill.compile_mode", self.compile_mode,

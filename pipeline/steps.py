@@ -465,7 +465,7 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
                                merge_loss_branches=dc.merge_loss_branches, grad_mode=dc.grad_mode,
                                blend=config.blend.enabled, beta_a=config.blend.beta_a, beta_b=config.blend.beta_b,
                                noise=config.blend.noise,
-                               encode_chunk=dc.encode_chunk)
+                               encode_chunk=dc.encode_chunk, student=student_form(dc, device))
     outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum,
                           optimizer=dc.optimizer, lr_floor=dc.lr_floor,
                           syn_lr_max=(dc.syn_lr_img_max, dc.syn_lr_txt_max),
@@ -477,6 +477,13 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
                           device=device, rank=rank, mean_across_workers=mean_across_workers,
                           compile=compile_mode(dc, specs, settings), compile_scope=dc.compile_scope, rewind=rewind)
     return DistillJob(distiller, encoder, image_idx, caption_idx)
+
+
+def student_form(dc: DistillConfig, device: torch.device) -> str:
+    """distill.student resolved: `auto` factors RepBlend's exact unroll on a CPU, where it was measured faster."""
+    if dc.student != "auto":
+        return dc.student
+    return "factored" if device.type == "cpu" and dc.grad_mode == "unroll" and dc.mode == "repblend" else "flat"
 
 
 def compile_mode(dc: DistillConfig, specs, settings: DistillSettings) -> str | None:

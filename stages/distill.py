@@ -36,6 +36,7 @@ class DistillSettings:
     loss: str = "wbce"  # wbce | clip
     merge_loss_branches: bool = False
     grad_mode: str = "unroll"  # unroll | tesla
+    student: str = "flat"  # the unroll's student heads: flat | factored (stages/factored.py)
     blend: bool = True
     beta_a: float = 1.0
     beta_b: float = 1.0

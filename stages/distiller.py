@@ -21,6 +21,7 @@ from torch import nn
 from repblend.stages.buffer import Trajectory
 from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, match_tesla,
                                      match_unrolled, sample_batches)
+from repblend.stages.factored import match_factored
 from repblend.stages.errors import DivergenceError, RepblendError
 from repblend.stages.fused import FusedMatch
 from repblend.stages.heads import HeadSpec
@@ -197,7 +198,8 @@ class Distiller:
                 return self.gradients(sample)
             self._fused_ran = True
         else:
-            match = match_unrolled if self.settings.grad_mode == "unroll" else match_tesla
+            match = (match_tesla if self.settings.grad_mode == "tesla" else
+                     match_factored if self.settings.student == "factored" else match_unrolled)
             result = match(features, self.syn, self.specs, start, target, sample.batches, self.settings)
         if encoded is not None:
             self._backward_to_pixels(features, encoded, used)

@@ -121,6 +121,14 @@ def test_bench_distill_small(capsys, compile_without_inductor):
         assert max(diffs.values()) < 1e-4, diffs
 
 
+def test_bench_student_small(capsys):
+    rows = _load("student").main(["--small", "--iterations", "1", "--warmup", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "factored s" in out and [row["shape"] for row in rows] == ["small"]
+    assert all(rows[0]["seconds"][form] > 0 for form in ("flat", "factored"))
+    assert rows[0]["max_rel_diff"] < 1e-4  # the same function: float32 rounding apart
+
+
 def test_bench_buffer_small(capsys):
     rows = _load("buffer").main(["--small", "--images", "200", "--experts", "2", "--epochs", "1", "--threads", "1",
                                  "--batch-experts", "1", "2"])
