@@ -6,7 +6,8 @@ snapshot W0 plus a matrix of rank <= kB, so a student never needs its own copy o
 x W0^T + (x V^T) U from the stacked factors U (the scaled output gradients) and V (the inputs). The flat unroll
 (`distill.match_unrolled`) instead writes a new parameter-sized vector, and its gradient, at every step, and the
 outer backward reads all of them again. Same function, so the same gradients up to float rounding; on a 2-core CPU
-(99 pairs, 1280/384-d inputs, 1024-d heads) it takes about 3x less memory and 1.3-1.8x less time per iteration.
+(99 pairs, 1280/384-d inputs, 1024-d heads) it takes 2-2.4x less memory and 1.3-1.8x less time per iteration, about
+3x less of both with the paper's 2304-d heads (docs/performance.md, benchmarks/bench_student.py).
 Biases and LayerNorm parameters stay explicit vectors; the matrices are rebuilt once, for the matching loss.
 """
 
