@@ -76,6 +76,8 @@ def _train_fn(loop: dict) -> None:
     job = steps.build_distiller(config, run_dir, caches, ray.train.torch.get_device(), rank=rank,
                                 mean_across_workers=mean_across_workers)
     distiller, dc = job.distiller, config.distill
+    if rank == 0:
+        steps.log_plan(config, distiller)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:

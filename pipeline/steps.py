@@ -486,6 +486,17 @@ def student_form(dc: DistillConfig, device: torch.device) -> str:
     return "factored" if device.type == "cpu" and dc.grad_mode == "unroll" and dc.mode == "repblend" else "flat"
 
 
+def log_plan(config: Config, distiller: Distiller) -> None:
+    """One line on what the distillation runs, `auto` choices resolved: the first line of a long run says it."""
+    dc, settings = config.distill, distiller.settings
+    gradient = ("TESLA's two passes" if settings.grad_mode == "tesla" else
+                "exact unroll, compiled" if distiller.compile is not None else
+                f"exact unroll, {settings.student} student heads")
+    log.info("distill: %d pairs in %s space (%s mode), %d iterations of %d student steps of %d on %s; %s",
+             distiller.syn.num_pairs, dc.space, dc.mode, dc.iterations, settings.syn_steps, settings.mini_batch_size,
+             distiller.device, gradient)
+
+
 def compile_mode(dc: DistillConfig, specs, settings: DistillSettings) -> str | None:
     """The torch.compile mode the distiller gets: None where distill.compile is off or does not apply."""
     from repblend.stages.fused import unsupported
@@ -594,6 +605,7 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, p
     if distill_is_complete(config, run_dir):
         return synthetic_path(run_dir)
     job = build_distiller(config, run_dir, caches, resolve_device(config.run.device))
+    log_plan(config, job.distiller)
     out_dir = run_dir / "distill"
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / "checkpoint.pt"

@@ -35,7 +35,11 @@ def test_chain_writes_a_synthetic_set(toy, tmp_path, space, caplog):
     index = json.loads((tmp_path / "buffer" / "index.json").read_text())
     assert len(index["experts"]) == 2 and index["experts"][0]["epochs"] == [0, 1, 2, 3]
     assert "r_mean" in index["experts"][0]["eval_recall"]
-    path = steps.distill(config, tmp_path, caches)
+    with caplog.at_level(logging.INFO, logger="repblend"):
+        path = steps.distill(config, tmp_path, caches)
+    # what runs, with distill.student=auto resolved (a CPU: factored heads)
+    assert (f"distill: 8 pairs in {space} space (repblend mode), 4 iterations of 3 student steps of 4 on cpu; "
+            "exact unroll, factored student heads") in caplog.text
     syn = load_file(str(path))
     expected_images = (8, 3, 32, 32) if space == "pixel" else (8, 32)
     assert tuple(syn["images"].shape) == expected_images
