@@ -222,8 +222,8 @@ def run_tune(config: Config, run_dir: Path) -> dict:
     _write(run_dir, results)  # the search is on disk before the long reruns start
     finals = _finals(config, {"default": default, **({"best": best_params} if best_params != default else {})},
                      run_dir, caches, resources)
-    rows = {label: final.get("repblend", final) for label, final in finals.items()}  # or its error
-    results["final"] = {"default": rows["default"], "best": rows.get("best", rows["default"])}
+    final_rows = {label: final.get("repblend", final) for label, final in finals.items()}  # or its error
+    results["final"] = {"default": final_rows["default"], "best": final_rows.get("best", final_rows["default"])}
     # both runs start from the same real pairs (the seed picks them; the searched parameters do not)
     results["initial_pairs"] = next((final["init"] for final in finals.values() if "init" in final), None)
     _write(run_dir, results)

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from repblend.stages.heads import HeadSpec
+from repblend.stages.heads import HeadSpec, similarity_logits
 from repblend.stages.lors import EncoderSpec
 from repblend.stages.losses import FullSimilarity, LowRankSimilarity, clip_loss, wbce_loss
 
@@ -130,9 +129,12 @@ def student_loss(theta_img: torch.Tensor, theta_txt: torch.Tensor, x: torch.Tens
     img = img_spec.apply_flat(theta_img, x, train=False)
     if img_spec.blend_output and batch is not None:
         img = represent(img, batch, 0)
-    img = F.normalize(img, dim=-1)
-    txt = F.normalize(txt_spec.apply_flat(theta_txt, v, train=False), dim=-1)
-    logits = img @ txt.T / settings.temperature
+    return pair_loss(img, txt_spec.apply_flat(theta_txt, v, train=False), targets, settings)
+
+
+def pair_loss(img: torch.Tensor, txt: torch.Tensor, targets: torch.Tensor, settings: DistillSettings) -> torch.Tensor:
+    """A student step's loss on its embedded pairs (either student form): wBCE against the soft targets, or CLIP."""
+    logits = similarity_logits(img, txt, settings.temperature)
     return wbce_loss(logits, targets) if settings.loss == "wbce" else clip_loss(logits)
 
 

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, _matching,
-                                     _step_inputs)
+                                     _step_inputs, pair_loss)
 from repblend.stages.heads import LAYER_NORM_EPS, HeadSpec
-from repblend.stages.losses import clip_loss, wbce_loss
 
 
 class FactoredHead:
@@ -78,8 +77,7 @@ def match_factored(features: torch.Tensor, syn: SyntheticSet, specs: tuple[HeadS
     image, text = FactoredHead(specs[0], start[0]), FactoredHead(specs[1], start[1])
     for batch in batches:
         u, v, targets = _step_inputs(features, syn.texts, syn.sim, batch, specs[0])
-        logits = F.normalize(image.forward(u), dim=-1) @ F.normalize(text.forward(v), dim=-1).T / settings.temperature
-        loss = wbce_loss(logits, targets) if settings.loss == "wbce" else clip_loss(logits)
+        loss = pair_loss(image.forward(u), text.forward(v), targets, settings)
         grads = torch.autograd.grad(loss, image.wrt() + text.wrt(), create_graph=True)
         image.sgd(list(grads[:4]), syn.syn_lr_img)
         text.sgd(list(grads[4:]), syn.syn_lr_txt)
