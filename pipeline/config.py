@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from repblend.stages.errors import ConfigError
@@ -29,6 +30,11 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# the rows a run's results table makes itself (eval.sets may not take these names)
+BUILTIN_ROWS = ("repblend", "lors", "init", "random", "herding", "kcenter", "full", "repblend_matched",
+                "repblend_pixels")
 
 
 @dataclass
@@ -314,8 +320,18 @@ class EvalConfig:
     # every other row is kept in RUN_DIR/eval/rows as it finishes and read back while its set, features, protocol,
     # seeds and code are unchanged (a run killed during evaluation keeps its finished rows); false trains them again
     reuse_rows: bool = True
+    # more distilled sets to evaluate in this run's table, under the same protocol: row name -> path of a
+    # synthetic.safetensors (a published set, another run's). Fresh heads on cached features, so each must come
+    # from the same frozen encoders as this config (checked before any row trains)
+    sets: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, path in self.sets.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or name in BUILTIN_ROWS:
+                raise ConfigError(f"eval.sets.{name}: a row name is a letter then letters, digits, _ or -, and not "
+                                  f"one of the table's own rows ({', '.join(BUILTIN_ROWS)})")
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"eval.sets.{name}={path!r} must be the path of a synthetic.safetensors")
         _choice("eval.loss", self.loss, ("wbce", "clip"))
         _choice("eval.real_loss", self.real_loss, ("auto", "wbce", "clip"))
         for method in self.methods:
@@ -545,11 +561,35 @@ def _friendly(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: {str(exc).splitlines()[0]}")
 
 
+def _container_clash(base: Any, other: Any, prefix: str = "") -> str | None:
+    """The first key where `other` puts a list over a mapping of `base`, or a mapping over a list."""
+    if not isinstance(base, DictConfig) or not isinstance(other, (dict, DictConfig)):
+        return None
+    for key, value in other.items():
+        if key not in base:
+            continue
+        old = base._get_node(key)
+        new_list, new_map = isinstance(value, (list, ListConfig)), isinstance(value, (dict, DictConfig))
+        if (isinstance(old, ListConfig) and new_map) or (isinstance(old, DictConfig) and new_list):
+            return f"{prefix}{key}"
+        clash = _container_clash(old, value, f"{prefix}{key}.")
+        if clash is not None:
+            return clash
+    return None
+
+
 def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
         raise _friendly(exc, origin) from exc
+    except TypeError as exc:  # OmegaConf's "Cannot merge incompatible container types"
+        key = _container_clash(base, other)
+        if key is None:
+            raise
+        kind = ("a list is expected, such as [a,b] or []" if isinstance(OmegaConf.select(base, key), ListConfig)
+                else "a mapping is expected, such as {name: value} or {}")
+        raise ConfigError(f"{origin}: bad value for '{key}': {kind}") from exc
 
 
 def _read_yaml(path: Path) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,7 +24,9 @@ from repblend.pipeline.steps import (build_image_encoder, buffer_dir_of, final_p
                                      lors_baseline, resolve_device, split_pixels, synthetic_path)
 from repblend.stages.coresets import herding_coreset, kcenter_coreset, random_coreset
 from repblend.stages.encode import FeatureCache
+from repblend.stages.export import DistilledSet, load_distilled
 from repblend.stages.ebr import EBRSettings
+from repblend.stages.errors import DataError
 from repblend.stages.diagnostics import DIAGNOSTICS
 from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, evaluate_seeds,
                                       scored_retrieval, summarize_seeds, train_heads)
@@ -188,9 +191,9 @@ def eval_seeds(config: Config) -> list[int]:
     return [config.run.seed * 1000 + 17 * j + 1 for j in range(config.eval.num_eval)]
 
 
-def _protocol_key(config: Config) -> dict:
+def _protocol_key(config: Config, fine_tunes: bool | None = None) -> dict:
     """What a `protocol` depends on besides the training settings and the feature caches (kept rows' keys)."""
-    fine_tunes = fine_tunes_encoder(config)
+    fine_tunes = fine_tunes_encoder(config) if fine_tunes is None else fine_tunes
     return {"fine_tunes_encoder": fine_tunes, "syn_lr_img_scale": config.eval.syn_lr_img_scale,
             "encoder": config.encoders.image if fine_tunes else None, "model": config.model}
 
@@ -201,6 +204,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     device = resolve_device(config.run.device)
     train = load_features(caches, config.data.train_split, device)
     evalset = load_features(caches, config.data.eval_split, device)
+    extra_sets = {name: (Path(path), load_extra_set(config, name, Path(path), train))
+                  for name, path in config.eval.sets.items()}  # all checked before any row trains
     eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     seeds = eval_seeds(config)
     settings = train_settings(config)
@@ -218,7 +223,8 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
     measure = functools.cache(lambda: protocol(config, caches, config.data.eval_split, device))  # LoRS: decodes
     set_key = {"settings": settings, "protocol": _protocol_key(config)}
     if not matched_path.is_file():
-        log.warning("eval: no distilled set at %s yet; evaluating the baselines only", matched_path)
+        log.warning("eval: no distilled set at %s yet; evaluating the baselines%s only", matched_path,
+                    " and eval.sets" if extra_sets else "")
     else:
         syn = load_file(str(matched_path), device=str(device))  # the refined set keeps its initial pairs
         if own_path.is_file():
@@ -244,6 +250,14 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                                             "protocol": _protocol_key(config)}, initial_pairs)
         if config.invert.enabled:
             _inverted_row(config, run_dir, rows, measure, set_key, seeds, device, methods, notes)
+    if config.eval.sets:
+        heads = Protocol(eval_features, None, lambda idx: train.image_features[idx], config.eval.syn_lr_img_scale)
+        heads_key = {"settings": settings, "protocol": _protocol_key(config, fine_tunes=False)}
+        for name, (path, extra) in extra_sets.items():
+            methods[name] = rows.row(name, {"set": file_digest(path), **heads_key}, lambda extra=extra: evaluate_pairs(
+                heads.synthetic_pairs(extra.image_features, extra.texts, extra.similarity, extra.syn_lr_img,
+                                      extra.syn_lr_txt), settings, eval_features, seeds, device, diagnose=True))
+            notes[name] = extra_set_note(path, extra, n)
     for method in config.eval.methods:
         if method in ("random", "herding", "kcenter"):
             def coreset(method: str = method) -> dict:
@@ -311,6 +325,54 @@ def _inverted_row(config: Config, run_dir: Path, rows: KeptRows, measure: Callab
     if summary.get("adapt_iterations"):
         notes[INVERTED] += (f"; its texts, S and lrs then adapted to those encodings ({summary['adapt_iterations']} "
                             "refine iterations)")
+
+
+# what must agree between the encoders a set was distilled with and this config's, for its features to mean the same
+ENCODER_KEYS = {"image": ("name", "image_size"), "text": ("name", "pooling", "max_length")}
+
+
+def load_extra_set(config: Config, name: str, path: Path, train) -> DistilledSet:
+    """An `eval.sets` entry, refused in one line naming it where its features cannot train heads on this config's
+    caches: another encoder, other feature widths, or a LoRS set (whose protocol fine-tunes its encoder)."""
+    where = f"eval.sets.{name}"
+    try:
+        extra = load_distilled(path)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from exc
+    made_with = yaml.safe_load(extra.metadata["config"]) if "config" in extra.metadata else {}
+    if extra.metadata.get("mode") == "lors":
+        raise DataError(f"{where}: {path} is a LoRS set (distill.mode=lors), whose evaluation fine-tunes the image "
+                        "encoder it was distilled with; evaluate it in a run of its own config")
+    ours = dataclasses.asdict(config.encoders)
+    for side, keys in ENCODER_KEYS.items():
+        theirs = made_with.get("encoders", {}).get(side, {})
+        differ = [f"{key} {theirs[key]!r} (this config: {ours[side][key]!r})" for key in keys
+                  if key in theirs and theirs[key] != ours[side][key]]
+        if differ:
+            raise DataError(f"{where}: {path} was distilled with another {side} encoder: {', '.join(differ)}")
+        if "weights" in theirs and theirs["weights"] != ours[side]["weights"]:
+            log.warning("%s: %s was distilled with %s encoder weights %r, this config loads %r: the same weights "
+                        "under another path, or features that do not match", where, path, side, theirs["weights"],
+                        ours[side]["weights"])
+    for what, got, want in (("image feature", extra.image_features, train.image_features),
+                            ("text embedding", extra.texts, train.text_features)):
+        if got.shape[1] != want.shape[1]:
+            raise DataError(f"{where}: {path} has {got.shape[1]}-d {what}s, this config's encoder gives "
+                            f"{want.shape[1]}-d")
+    return extra
+
+
+def extra_set_note(path: Path, extra: DistilledSet, pairs: int) -> str:
+    """Where an `eval.sets` row came from, in the results' notes."""
+    meta = extra.metadata
+    made = ", ".join(part for part in (
+        f"{meta['mode']} mode" if "mode" in meta else "", f"{meta['space']} space" if "space" in meta else "",
+        f"{meta['iterations']} iterations" if "iterations" in meta else "",
+        f"seed {meta['seed']}" if "seed" in meta else "") if part)
+    note = f"eval.sets: {path} ({extra.num_pairs} pairs{', ' + made if made else ''}; sha256 {file_digest(path)[:12]})"
+    if extra.num_pairs != pairs:
+        note += f"; its G is against random coresets of {pairs} pairs"
+    return note
 
 
 def evaluate_synthetic(syn: dict[str, torch.Tensor], measure: Protocol, settings: TrainSettings, seeds: list[int],

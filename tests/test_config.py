@@ -77,6 +77,10 @@ def test_override_beats_file(tmp_path):
         (["distill.syn_lr_txt_max=0.001"], "distill.syn_lr_txt_max=0.001 must be above distill.lr_floor=0.001"),
         (["justakey"], "'justakey' is not of the form key=value"),
         (["eval.methods=random"], "bad value for 'eval.methods': a list is expected, such as [a,b] or []"),
+        (["eval.methods={a: 1}"], "bad value for 'eval.methods': a list is expected, such as [a,b] or []"),
+        (["eval.sets=[a]"], "bad value for 'eval.sets': a mapping is expected, such as {name: value} or {}"),
+        (["eval.sets.1st=x.safetensors"], "eval.sets.1st: a row name is a letter then letters, digits, _ or -"),
+        (["eval.sets.hub="], "'eval.sets.hub'"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, needle):

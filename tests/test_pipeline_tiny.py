@@ -407,3 +407,53 @@ def test_syn_lr_img_scale_trains_distilled_sets_at_the_scaled_image_lr(toy, tmp_
                                                          "protocol": {**protocol, "syn_lr_img_scale": 1.0}})
     with pytest.raises(ConfigError, match="eval.syn_lr_img_scale"):
         load_config(None, [*base, "eval.syn_lr_img_scale=0"])
+
+
+def test_eval_sets_evaluates_other_sets_in_the_same_table_and_refuses_those_that_do_not_fit(toy, tmp_path, caplog):
+    """A set named in eval.sets (here run A's own set, evaluated from run B) gets its own row, equal to the row run A
+    gives it; a set from another encoder, of other feature widths, of LoRS mode or missing is refused before any row
+    trains, in a line that names its key."""
+    from repblend.stages.errors import DataError
+    from repblend.stages.io import tensors_metadata
+
+    common = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature", *STABLE_LRS, *TINY,
+              "eval.methods=[random]"]
+    config = load_config(None, common)
+    caches = steps.encode(config)
+    steps.buffer(config, tmp_path / "a", caches)
+    set_path = steps.distill(config, tmp_path / "a", caches)
+    own = evaluation.evaluate(config, tmp_path / "a", caches)
+
+    caplog.set_level(logging.INFO, logger="repblend")
+    other = evaluation.evaluate(load_config(None, [*common, f"eval.sets.from_a={set_path}"]), tmp_path / "b", caches)
+    assert list(other["methods"]) == ["from_a", "random"]  # run B has no set of its own
+    assert other["methods"]["from_a"] == own["methods"]["repblend"]
+    assert other["gap_closed"] == {} and other["diagnostics"]["from_a"] == own["diagnostics"]["repblend"]
+    assert other["notes"]["from_a"].startswith(f"eval.sets: {set_path} (8 pairs, repblend mode, feature space, "
+                                               "4 iterations, seed 0; sha256 ")
+    assert "| from_a | " in (tmp_path / "b" / "results.md").read_text()
+    assert "eval from_a: img_r10" in caplog.text
+
+    syn, meta = load_file(str(set_path)), tensors_metadata(set_path)
+    made_with = meta["config"]
+    bad = {
+        "other_encoder": ({}, {"config": made_with.replace("name: tiny", "name: efficientnet_lite0", 1)},
+                          r"another image encoder: name 'efficientnet_lite0' \(this config: 'tiny'\)"),
+        "other_size": ({}, {"config": made_with.replace("image_size: 32", "image_size: 64", 1)},
+                       r"another image encoder: image_size 64 \(this config: 32\)"),
+        "wider_texts": ({"texts": torch.zeros(8, 48)}, {},
+                        "has 48-d text embeddings, this config's encoder gives 32-d"),
+        "lors_set": ({}, {"mode": "lors"}, "is a LoRS set"),
+    }
+    for name, (tensors, metadata, message) in bad.items():
+        path = tmp_path / f"{name}.safetensors"
+        write_tensors(path, {**syn, **tensors}, metadata={**meta, **metadata})
+        with pytest.raises(DataError, match=rf"^eval.sets.{name}: {path} .*{message}"):
+            evaluation.evaluate(load_config(None, [*common, f"eval.sets.ok={set_path}", f"eval.sets.{name}={path}"]),
+                                tmp_path / name, caches)
+        assert not (tmp_path / name / "eval" / "rows").exists()  # refused before the good set's row trained
+    with pytest.raises(DataError, match=rf"^eval.sets.gone: {tmp_path / 'gone.safetensors'}: no distilled set here"):
+        evaluation.evaluate(load_config(None, [*common, f"eval.sets.gone={tmp_path / 'gone.safetensors'}"]),
+                            tmp_path / "gone", caches)
+    with pytest.raises(ConfigError, match="eval.sets.random: a row name .* not one of the table's own rows"):
+        load_config(None, [*common, f"eval.sets.random={set_path}"])
