@@ -18,7 +18,7 @@ import torch
 
 from repblend.pipeline.config import Config, to_yaml
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
-from repblend.stages.errors import CacheError, ConfigError
+from repblend.stages.errors import CacheError, ConfigError, DataError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
 from repblend.stages.progress import progress_bar
 
@@ -59,6 +59,9 @@ def _read_table(config: Config) -> CaptionTable:
 
         gen = data.generated
         ensure_toy_dataset(root, n_train=gen.train_images, n_dev=gen.eval_images, size=gen.image_size, seed=gen.seed)
+    elif data.format in ("flickr8k", "karpathy") and not root.is_dir():  # webdataset roots may be shard patterns
+        raise DataError(f"data.root={data.root}: no such directory (pass data.root=/path/to/{data.name}, the folder "
+                        "that holds its captions and images)")
     if data.format in ("flickr8k", "generated"):
         return read_flickr8k(root, images=data.images, captions=data.annotations or "Flickr8k.token.txt",
                              on_error=data.on_error)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from repblend.stages.errors import DataError
 
@@ -49,12 +49,15 @@ def load_distilled(path: str | Path) -> DistilledSet:
     if not path.is_file():
         raise DataError(f"{path}: no distilled set here")
     needed = ("images", "image_features", "texts", "similarity", "syn_lr_img", "syn_lr_txt", "init_image_index")
-    with safe_open(str(path), framework="pt") as f:
-        missing = [k for k in needed if k not in f.keys()]
-        if missing:
-            raise DataError(f"{path}: not a repblend distilled set (missing {', '.join(missing)})")
-        t = {k: f.get_tensor(k) for k in needed}
-        metadata = dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            missing = [k for k in needed if k not in f.keys()]
+            if missing:
+                raise DataError(f"{path}: not a repblend distilled set (missing {', '.join(missing)})")
+            t = {k: f.get_tensor(k) for k in needed}
+            metadata = dict(f.metadata() or {})
+    except SafetensorError as exc:
+        raise DataError(f"{path}: not a safetensors file ({exc})") from exc
     return DistilledSet(t["images"], t["image_features"], t["texts"], t["similarity"], float(t["syn_lr_img"]),
                         float(t["syn_lr_txt"]), t["init_image_index"], metadata)
 

@@ -75,3 +75,6 @@ def test_loading_something_else_names_the_file(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(DataError, match=r"other.safetensors: not a repblend distilled set \(missing images"):
         load_distilled(tmp_path / "other.safetensors")
+    (tmp_path / "notes.txt").write_text("not tensors at all")
+    with pytest.raises(DataError, match=r"notes.txt: not a safetensors file \("):
+        load_distilled(tmp_path / "notes.txt")
