@@ -211,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"repblend {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the machine refused (permissions, a full disk, a path that is a file): one line too
+        if args.debug:
+            traceback.print_exc()
+        print(f"repblend {args.command}: error: {exc} (--debug shows where)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"repblend {args.command}: interrupted", file=sys.stderr)
         return 130

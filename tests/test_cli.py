@@ -73,6 +73,17 @@ def test_missing_dataset_names_the_path(tmp_path, capsys):
             in capsys.readouterr().err)
 
 
+def test_a_path_the_machine_refuses_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    code = main(["encode", "--config", str(ROOT / "configs/demo.yaml"), f"data.root={tmp_path / 'data'}",
+                 "data.generated.train_images=8", "data.generated.eval_images=4", "data.generated.image_size=32",
+                 f"cache.dir={tmp_path / 'a_file' / 'cache'}", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"repblend encode: error: [Errno 20] Not a directory: '{tmp_path / 'a_file' / 'cache'}'" in err
+    assert "Traceback" not in err
+
+
 def test_encode_records_config_versions_and_seeds(tmp_path, capsys):
     toy = make_toy_dataset(tmp_path / "toy", n_train=8, n_dev=4, size=32)
     run_dir = tmp_path / "run"
