@@ -107,6 +107,7 @@ def _train_fn(loop: dict) -> None:
 def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
     """`steps.distill` on `ray.workers` Ray Train workers; resumes from run_dir/distill/train after a crash."""
     steps.check_budget(config, caches)
+    steps.claim_distill_dir(config, run_dir)
     if steps.distill_is_complete(config, run_dir):
         return steps.synthetic_path(run_dir)
     run_dir = run_dir.resolve()

@@ -138,6 +138,7 @@ def _final(config: Config, params: dict, run_dir: Path, caches: dict[str, Featur
     (mean +- std over seeds), or {"error": ...} where it diverged."""
     full = with_params(config, params)
     full = dataclasses.replace(full, eval=dataclasses.replace(full.eval, methods=["repblend"]))
+    steps.claim_distill_dir(full, run_dir, record=False)  # a set of other parameters there keeps its config.yaml
     write_text(run_dir / "config.yaml", to_yaml(full))
     try:
         steps.distill(full, run_dir, caches)

@@ -113,6 +113,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
     with run_dir_lock(run_dir, args.command):
+        if args.command in ("distill", "refine", "invert", "eval", "export", "run"):  # before config.yaml is replaced
+            steps.claim_distill_dir(config, run_dir, record=False)
+            lors = steps.lors_baseline(config)
+            if lors is not None:
+                steps.claim_distill_dir(lors, run_dir / "lors", record=False)
         prepare_run_dir(config, run_dir, args.command)
         log.info("run directory: %s", run_dir)
         return _run(args, config, run_dir)

@@ -634,6 +634,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return config
 
 
+def config_from_yaml(text: str, origin: str) -> Config:
+    """A resolved config as a run recorded it (a set's metadata), validated as `load_config` would."""
+    try:
+        return OmegaConf.to_object(_merge(OmegaConf.structured(Config), yaml.safe_load(text), origin))
+    except OmegaConfBaseException as exc:
+        raise _friendly(exc, origin) from exc
+
+
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 

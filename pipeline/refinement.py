@@ -23,7 +23,7 @@ import torch
 from repblend.pipeline.config import Config, to_yaml
 from repblend.pipeline.steps import encoder_range, load_features, refined_path, resolve_device, synthetic_path
 from repblend.stages.encode import FeatureCache
-from repblend.stages.io import tensors_metadata
+from repblend.stages.io import read_checkpoint, tensors_metadata
 from repblend.stages.progress import progress_bar
 
 log = logging.getLogger("repblend")
@@ -79,7 +79,7 @@ def _resume(checkpoint: Path, key: str, last: int, refiner, generator: torch.Gen
     """The iteration a checkpoint made under `key`, at or before `last`, reached (its state loaded); else 0."""
     if not checkpoint.is_file():
         return 0
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = read_checkpoint(checkpoint, device)
     if state["key"] != key or state["iteration"] > last:
         return 0
     refiner.load_state_dict(state["refiner"])

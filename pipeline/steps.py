@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from repblend.pipeline.config import Config, to_yaml
+from repblend.pipeline.config import Config, to_dict, to_yaml
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
-from repblend.stages.errors import CacheError, ConfigError, DataError
+from repblend.stages.errors import CacheError, ConfigError, DataError, RepblendError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
 from repblend.stages.progress import progress_bar
 
@@ -414,6 +414,71 @@ def inverted_path(run_dir: Path) -> Path:
     return run_dir / "invert" / "synthetic.safetensors"
 
 
+# distill settings a run may change and still continue its set: its length, checkpoints and probes, and how the same
+# function is computed. Every other distill, blend and model key, the seed, the experts and the training data make
+# another set
+RESUMABLE_DISTILL_KEYS = ("iterations", "ckpt_every", "eval_every", "compile", "compile_mode", "compile_scope",
+                          "student", "encode_chunk")
+SET_DATA_KEYS = ("name", "format", "generated", "annotations", "train_split", "max_train_images", "val_images")
+
+
+def distill_identity(config: Config) -> dict:
+    """What a distilled set depends on, from the config alone (so a command can check it before it writes anything),
+    as JSON: RUN_DIR/distill/identity.json."""
+    settings = to_dict(config)
+    experts = dataclasses.asdict(expert_settings(config))
+    experts.pop("keep_epochs")  # which snapshots are kept, not what they are
+    identity = {"distill": {k: v for k, v in settings["distill"].items() if k not in RESUMABLE_DISTILL_KEYS},
+                "blend": settings["blend"], "model": settings["model"], "seed": config.run.seed,
+                "experts": {"count": config.buffer.num_experts, **experts},
+                "data": {k: settings["data"][k] for k in SET_DATA_KEYS},
+                "features": dataclasses.asdict(encoder_identity(config))}
+    return json.loads(json.dumps(identity))
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def claim_distill_dir(config: Config, run_dir: Path, *, record: bool = True) -> None:
+    """Refuse to continue, call complete or evaluate a set or checkpoint that other settings made: the run's
+    config.yaml would then describe a set it did not make. With `record`, a first distillation writes what it
+    depends on; without, this only checks (the CLI, before it writes the run's config.yaml)."""
+    from repblend.stages.io import read_json, write_json
+
+    path = run_dir / "distill" / "identity.json"
+    identity = distill_identity(config)
+    recorded = read_json(path) if path.is_file() else _identity_of_saved_set(run_dir)
+    if recorded is not None:
+        before, now = _leaves(recorded), _leaves(identity)
+        differ = [f"{key} {before.get(key)!r} there, {now.get(key)!r} here"
+                  for key in sorted({*before, *now}) if before.get(key) != now.get(key)]
+        if differ:
+            shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+            raise ConfigError(f"{run_dir / 'distill'} holds a set distilled with other settings ({shown}): pass "
+                              "another --run-dir, or move that folder away to distil again")
+    if record and not path.is_file():
+        write_json(path, identity)
+
+
+def _identity_of_saved_set(run_dir: Path) -> dict | None:
+    """For a run directory from before identity.json: what its saved set's own config says it depends on."""
+    from repblend.pipeline.config import config_from_yaml
+    from repblend.stages.io import tensors_metadata
+
+    path = synthetic_path(run_dir)
+    made_with = tensors_metadata(path).get("config") if path.is_file() else None
+    if made_with is None:
+        return None
+    try:
+        return distill_identity(config_from_yaml(made_with, str(path)))
+    except RepblendError:  # a config of an older schema: nothing to compare with
+        return None
+
+
 def distill_is_complete(config: Config, run_dir: Path) -> bool:
     path = synthetic_path(run_dir)
     if path.is_file() and _saved_iterations(path) == config.distill.iterations:
@@ -605,6 +670,7 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, p
     With distill.eval_every, the set is evaluated on `probe_split` (default: the eval split) every N
     iterations, logged, and passed to `on_eval(iteration, metrics)` (Tune reports from there)."""
     check_budget(config, caches)
+    claim_distill_dir(config, run_dir)
     if distill_is_complete(config, run_dir):
         return synthetic_path(run_dir)
     job = build_distiller(config, run_dir, caches, resolve_device(config.run.device))

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from repblend.stages.errors import DivergenceError
-from repblend.stages.heads import DualHeads, HeadSpec, heads_sgd
+from repblend.stages.heads import DualHeads, HeadSpec, heads_sgd, similarity_logits
 from repblend.stages.io import write_json, write_tensors
 from repblend.stages.losses import clip_loss
 
@@ -174,7 +174,7 @@ def train_experts(image_features: torch.Tensor, text_features: torch.Tensor, cap
     def loss_of(idx: torch.Tensor) -> torch.Tensor:  # idx [E, B]
         img_emb = img_spec.apply_stacked(img_params, img_all[c2i[idx]], dropout_keep(img_spec.out_dim))
         txt_emb = txt_spec.apply_stacked(txt_params, txt_all[idx], dropout_keep(txt_spec.out_dim))
-        logits = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).transpose(1, 2) / settings.temperature
+        logits = similarity_logits(img_emb, txt_emb, settings.temperature)  # [E, B, B]
         # the sum of the experts' CLIP losses: each expert's gradient is its own loss's
         return 0.5 * n_exp * (F.cross_entropy(logits.reshape(-1, batch), rows)
                               + F.cross_entropy(logits.transpose(1, 2).reshape(-1, batch), rows))

@@ -25,7 +25,7 @@ from repblend.stages.factored import match_factored
 from repblend.stages.errors import DivergenceError, RepblendError
 from repblend.stages.fused import FusedMatch
 from repblend.stages.heads import HeadSpec
-from repblend.stages.io import atomic_path
+from repblend.stages.io import atomic_path, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,7 @@ class Distiller:
             torch.save(self.state(), tmp)
 
     def load(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(path, self.device)
         self.syn.load_state_dict(state["syn"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
+
+from repblend.stages.errors import DataError
 
 
 def _current_umask() -> int:
@@ -60,6 +63,17 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str) -> dict:
+    """A training checkpoint written by `atomic_path` + `torch.save`. One that cannot be read was damaged after it
+    was written (a partial copy, a full disk elsewhere): a `DataError` names it and what to do, instead of
+    torch's traceback."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        reason = str(exc).split(". ")[0] if str(exc) else type(exc).__name__  # torch's advice follows its first
+        raise DataError(f"{path}: unreadable checkpoint ({reason}); move it away to start that stage over") from exc
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

@@ -84,6 +84,24 @@ def test_a_path_the_machine_refuses_is_one_line_naming_it(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_distill_with_other_settings_in_a_run_directory_is_refused_before_its_config_is_replaced(tmp_path, capsys):
+    from tiny import STABLE_LRS, TINY_PROBLEM
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=24, n_dev=8, size=32)
+    run_dir = tmp_path / "run"
+    argv = ["distill", "--config", str(ROOT / "configs/demo.yaml"), "--run-dir", str(run_dir), "data.format=flickr8k",
+            f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "ray.enabled=false", "distill.iterations=2",
+            *TINY, *TINY_PROBLEM, *STABLE_LRS]
+    assert main(argv) == 0
+    made = (run_dir / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main([*argv, "distill.num_queries=6"]) == 2
+    assert (f"repblend distill: error: {run_dir / 'distill'} holds a set distilled with other settings "
+            "(distill.num_queries 8 there, 6 here)") in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == made
+    assert main([*argv, "distill.iterations=3"]) == 0  # a longer run continues the set
+
+
 def test_encode_records_config_versions_and_seeds(tmp_path, capsys):
     toy = make_toy_dataset(tmp_path / "toy", n_train=8, n_dev=4, size=32)
     run_dir = tmp_path / "run"

@@ -12,6 +12,7 @@ from repblend.stages.distill import (DistillSettings, StudentBatch, SyntheticSet
                                      represent, sample_batches, student_loss)
 from repblend.stages.distiller import DivergenceError, Distiller, OuterSettings, RewindSettings
 from repblend.stages.heads import HeadSpec
+from repblend.stages.errors import DataError
 
 D_IMG, D_TXT, EMBED, N = 6, 5, 4, 7
 SPECS = (HeadSpec(D_IMG, EMBED, 0.0), HeadSpec(D_TXT, EMBED, 0.0))
@@ -223,6 +224,17 @@ def test_resume_gives_the_same_set_as_an_uninterrupted_run(tmp_path):
     assert resumed.iteration == 8
     for name, tensor in straight.syn.state_dict().items():
         torch.testing.assert_close(resumed.syn.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, damage):
+    ckpt = tmp_path / "ckpt.pt"
+    _tiny_distiller().run(2, checkpoint=ckpt, ckpt_every=2)
+    whole = ckpt.read_bytes()
+    ckpt.write_bytes({"truncated": whole[:len(whole) // 2], "empty": b"", "text": b"not a checkpoint"}[damage])
+    with pytest.raises(DataError, match=rf"^{ckpt}: unreadable checkpoint \(.+\); move it away to start that stage "
+                                        "over$"):
+        _tiny_distiller().resume(ckpt)
 
 
 def test_learned_lr_ceilings_hold_from_the_start_and_bind_each_side_alone():

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -457,3 +458,38 @@ def test_eval_sets_evaluates_other_sets_in_the_same_table_and_refuses_those_that
                             tmp_path / "gone", caches)
     with pytest.raises(ConfigError, match="eval.sets.random: a row name .* not one of the table's own rows"):
         load_config(None, [*common, f"eval.sets.random={set_path}"])
+
+
+def test_a_run_directory_continues_only_the_set_its_settings_made(toy, tmp_path):
+    """distill/identity.json records what the set depends on. A longer run, other checkpoints or another student form
+    continue it; another N, blend, seed or expert setting is refused before any work, naming the keys. A run
+    directory from before that record is checked against its saved set's own config."""
+    common = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature", *STABLE_LRS, *TINY]
+    config = load_config(None, common)
+    caches = steps.encode(config)
+    run_dir = tmp_path / "run"
+    steps.buffer(config, run_dir, caches)
+    steps.distill(config, run_dir, caches)
+    recorded = json.loads((run_dir / "distill" / "identity.json").read_text())
+    assert recorded == steps.distill_identity(config)
+    assert recorded["distill"]["num_queries"] == 8 and "iterations" not in recorded["distill"]
+
+    refused = {"distill.num_queries=6": "distill.num_queries 8 there, 6 here",
+               "blend.beta_a=2": "blend.beta_a 1.0 there, 2.0 here",
+               "run.seed=3": "seed 0 there, 3 here",
+               "buffer.lr_teacher_img=0.05": "experts.lr_img 0.1 there, 0.05 here",
+               "data.max_train_images=20": "data.max_train_images 0 there, 20 here"}
+    for override, message in refused.items():
+        with pytest.raises(ConfigError, match=rf"^{run_dir / 'distill'} holds a set distilled with other settings "
+                                              rf"\({re.escape(message)}\): pass another --run-dir"):
+            steps.distill(load_config(None, [*common, override]), run_dir, caches)
+    for override in ("distill.ckpt_every=3", "distill.student=flat", "distill.eval_every=0", "distill.iterations=6"):
+        steps.distill(load_config(None, [*common, override]), run_dir, caches)
+    assert steps._saved_iterations(steps.synthetic_path(run_dir)) == 6  # the longer run continued the set
+
+    (run_dir / "distill" / "identity.json").unlink()  # a run directory from before the record
+    with pytest.raises(ConfigError, match=r"distill.num_queries 8 there, 6 here"):
+        steps.claim_distill_dir(load_config(None, [*common, "distill.num_queries=6"]), run_dir, record=False)
+    assert not (run_dir / "distill" / "identity.json").exists()
+    steps.claim_distill_dir(load_config(None, [*common, "distill.iterations=6"]), run_dir)
+    assert json.loads((run_dir / "distill" / "identity.json").read_text()) == recorded
