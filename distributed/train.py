@@ -107,7 +107,7 @@ def _train_fn(loop: dict) -> None:
 def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> Path:
     """`steps.distill` on `ray.workers` Ray Train workers; resumes from run_dir/distill/train after a crash."""
     steps.check_budget(config, caches)
-    steps.claim_distill_dir(config, run_dir)
+    steps.claim_distill_dir(config, run_dir, record=False)
     if steps.distill_is_complete(config, run_dir):
         return steps.synthetic_path(run_dir)
     run_dir = run_dir.resolve()
@@ -118,6 +118,7 @@ def distill_with_ray(config: Config, run_dir: Path, caches: dict[str, FeatureCac
     require_resources(config.ray, {"CPU": workers * config.ray.worker_cpus, **({"GPU": workers} if use_gpu else {})},
                       f"distillation on ray.workers={workers} (ray.worker_cpus={config.ray.worker_cpus:g} each"
                       f"{', one GPU each' if use_gpu else ''})", "ray.workers or ray.worker_cpus")
+    steps.claim_distill_dir(config, run_dir)
     retries, attempt = config.ray.max_retries, 0
     while True:
         try:

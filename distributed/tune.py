@@ -189,6 +189,7 @@ def run_tune(config: Config, run_dir: Path) -> dict:
         raise ConfigError("repblend tune runs its trials on Ray: drop ray.enabled=false (ray.address picks the "
                           "cluster; an embedded local Ray by default)")
     run_dir = run_dir.resolve()
+    steps.claim_tune_dir(config, run_dir, record=False)
     data = config.data
     try:
         caches = steps.encode(config, [data.train_split, data.eval_split, data.val_split],
@@ -206,6 +207,7 @@ def run_tune(config: Config, run_dir: Path) -> dict:
     # Tune's newer console output prints, even at verbose=0, a TensorBoard command for the driver's staging folder in
     # Ray's session directory, which holds no trial's events and is gone with the session. Its older output
     # (RAY_AIR_NEW_OUTPUT=0, read when the search starts) is silent at verbose=0; _tuner logs the right folder.
+    steps.claim_tune_dir(config, run_dir)  # recorded as the search starts: an attempt refused earlier is not kept
     with mock.patch.dict(os.environ, {"RAY_AIR_NEW_OUTPUT": "0"}):
         grid = _tuner(config, caches, run_dir, resources).fit()
     max_reports = config.tune.short_iterations // config.tune.report_every

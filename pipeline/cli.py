@@ -118,6 +118,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             lors = steps.lors_baseline(config)
             if lors is not None:
                 steps.claim_distill_dir(lors, run_dir / "lors", record=False)
+        if args.command == "tune":
+            steps.claim_tune_dir(config, run_dir, record=False)
         prepare_run_dir(config, run_dir, args.command)
         log.info("run directory: %s", run_dir)
         return _run(args, config, run_dir)

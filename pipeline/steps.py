@@ -436,6 +436,20 @@ def distill_identity(config: Config) -> dict:
     return json.loads(json.dumps(identity))
 
 
+def tune_identity(config: Config) -> dict:
+    """What a `repblend tune` search depends on: its set's settings, the search's and the split it selects on (not
+    the resources its trials get)."""
+    search = {k: v for k, v in to_dict(config)["tune"].items()
+              if k not in ("max_concurrent_trials", "trial_cpus", "trial_gpus")}
+    select = {"val_split": config.data.val_split, "max_eval_images": config.data.max_eval_images}
+    return {**distill_identity(config), "tune": json.loads(json.dumps(search)), "select": select}
+
+
+def claim_tune_dir(config: Config, run_dir: Path, *, record: bool = True) -> None:
+    """`claim_distill_dir` for a search: Ray Tune would restore the old search, whatever the config says now."""
+    claim_dir(run_dir / "tune_identity.json", tune_identity(config), "a search", record=record)
+
+
 def _leaves(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -447,19 +461,25 @@ def claim_distill_dir(config: Config, run_dir: Path, *, record: bool = True) -> 
     """Refuse to continue, call complete or evaluate a set or checkpoint that other settings made: the run's
     config.yaml would then describe a set it did not make. With `record`, a first distillation writes what it
     depends on; without, this only checks (the CLI, before it writes the run's config.yaml)."""
+    path = run_dir / "distill" / "identity.json"
+    recorded = None if path.is_file() else _identity_of_saved_set(run_dir)
+    claim_dir(path, distill_identity(config), "a set distilled", recorded=recorded, record=record)
+
+
+def claim_dir(path: Path, identity: dict, made: str, *, recorded: dict | None = None, record: bool = True) -> None:
+    """The check behind `claim_distill_dir` (and tune's): `path` (an identity.json) or `recorded` says what the work in
+    its folder depends on; other settings now are a `ConfigError` naming the keys that differ."""
     from repblend.stages.io import read_json, write_json
 
-    path = run_dir / "distill" / "identity.json"
-    identity = distill_identity(config)
-    recorded = read_json(path) if path.is_file() else _identity_of_saved_set(run_dir)
+    recorded = read_json(path) if path.is_file() else recorded
     if recorded is not None:
         before, now = _leaves(recorded), _leaves(identity)
         differ = [f"{key} {before.get(key)!r} there, {now.get(key)!r} here"
                   for key in sorted({*before, *now}) if before.get(key) != now.get(key)]
         if differ:
             shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
-            raise ConfigError(f"{run_dir / 'distill'} holds a set distilled with other settings ({shown}): pass "
-                              "another --run-dir, or move that folder away to distil again")
+            raise ConfigError(f"{path.parent} holds {made} with other settings ({shown}): pass another --run-dir, "
+                              "or move that folder away to start again")
     if record and not path.is_file():
         write_json(path, identity)
 
@@ -670,13 +690,14 @@ def distill(config: Config, run_dir: Path, caches: dict[str, FeatureCache], *, p
     With distill.eval_every, the set is evaluated on `probe_split` (default: the eval split) every N
     iterations, logged, and passed to `on_eval(iteration, metrics)` (Tune reports from there)."""
     check_budget(config, caches)
-    claim_distill_dir(config, run_dir)
+    claim_distill_dir(config, run_dir, record=False)
     if distill_is_complete(config, run_dir):
         return synthetic_path(run_dir)
     job = build_distiller(config, run_dir, caches, resolve_device(config.run.device))
     log_plan(config, job.distiller)
     out_dir = run_dir / "distill"
     out_dir.mkdir(parents=True, exist_ok=True)
+    claim_distill_dir(config, run_dir)  # recorded once the settings built a distiller: a bad value is not kept
     checkpoint = out_dir / "checkpoint.pt"
     if job.distiller.resume(checkpoint):
         log.info("distill: resuming from iteration %d (%s)", job.distiller.iteration, checkpoint)

@@ -80,6 +80,17 @@ def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_p
     # the val images were held out of training: the train cache holds 24 of the 30 training images
     train_manifest = json.loads(next((tmp_path / "c").glob("train*.json")).read_text())
     assert train_manifest["num_images"] == 24
+    # Ray Tune would restore this search whatever the config says now: a search with other settings is refused
+    # before it replaces the run's config.yaml
+    made = (run_dir / "config.yaml").read_text()
+    assert json.loads((run_dir / "tune_identity.json").read_text())["tune"]["num_samples"] == 4
+    code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={toy}", f"cache.dir={tmp_path / 'c'}",
+                 "--run-dir", str(run_dir), *TINY, "data.val_images=6", "tune.num_samples=6", "tune.short_iterations=4",
+                 "tune.report_every=2", "tune.max_concurrent_trials=2"])
+    assert code == 2
+    assert (f"repblend tune: error: {run_dir} holds a search with other settings (tune.num_samples 4 there, 6 here)"
+            in capfd.readouterr().err)
+    assert (run_dir / "config.yaml").read_text() == made
 
 
 @pytest.mark.ray
