@@ -375,6 +375,26 @@ def extra_set_note(path: Path, extra: DistilledSet, pairs: int) -> str:
     return note
 
 
+def train_on(distilled: DistilledSet | str | Path, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """Fresh heads trained on a distilled set exactly as its run's evaluation trains them: the protocol, heads and
+    temperature of the config recorded in the set, its learned S and lrs. What a reader of a published set needs
+    to use it; `heads(image_features, text_features)` then gives L2-normalised embeddings in the shared space."""
+    from repblend.pipeline.config import config_from_yaml
+
+    where = "the distilled set" if isinstance(distilled, DistilledSet) else str(distilled)
+    if not isinstance(distilled, DistilledSet):
+        distilled = load_distilled(distilled)
+    if "config" not in distilled.metadata:
+        raise DataError(f"{where}: its metadata has no config to take the evaluation protocol from")
+    config = config_from_yaml(distilled.metadata["config"], f"{where} (its recorded config)")
+    if fine_tunes_encoder(config):
+        raise DataError(f"{where}: a LoRS set trains its image encoder, not heads on features; evaluate it with "
+                        "`repblend eval` and its config")
+    pairs = PairSet(distilled.image_features, distilled.texts, distilled.similarity,
+                    distilled.syn_lr_img * config.eval.syn_lr_img_scale, distilled.syn_lr_txt)
+    return train_heads(pairs, train_settings(config), seed, torch.device(device))
+
+
 def evaluate_synthetic(syn: dict[str, torch.Tensor], measure: Protocol, settings: TrainSettings, seeds: list[int],
                        device: torch.device) -> dict:
     """A distilled set (its safetensors) under its mode's protocol: trained at its learned lrs against its S."""

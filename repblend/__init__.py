@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["DistilledSet", "load_distilled", "__version__"]
+__all__ = ["DistilledSet", "load_distilled", "train_on", "__version__"]
 
 if TYPE_CHECKING:
+    from repblend.pipeline.evaluation import train_on
     from repblend.stages.export import DistilledSet, load_distilled
 
 
@@ -21,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from repblend.stages import export
 
         return getattr(export, name)
+    if name == "train_on":
+        from repblend.pipeline.evaluation import train_on
+
+        return train_on
     raise AttributeError(f"module 'repblend' has no attribute {name!r}")

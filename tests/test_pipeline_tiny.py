@@ -414,7 +414,9 @@ def test_eval_sets_evaluates_other_sets_in_the_same_table_and_refuses_those_that
     """A set named in eval.sets (here run A's own set, evaluated from run B) gets its own row, equal to the row run A
     gives it; a set from another encoder, of other feature widths, of LoRS mode or missing is refused before any row
     trains, in a line that names its key."""
+    import repblend
     from repblend.stages.errors import DataError
+    from repblend.stages.evaluate import retrieval_of
     from repblend.stages.io import tensors_metadata
 
     common = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature", *STABLE_LRS, *TINY,
@@ -424,6 +426,12 @@ def test_eval_sets_evaluates_other_sets_in_the_same_table_and_refuses_those_that
     steps.buffer(config, tmp_path / "a", caches)
     set_path = steps.distill(config, tmp_path / "a", caches)
     own = evaluation.evaluate(config, tmp_path / "a", caches)
+    # repblend.train_on: a reader's heads trained as the run's evaluation trained them, to the same recalls
+    dev = caches["dev"].load()
+    runs = [retrieval_of(repblend.train_on(set_path, seed), dev.image_features, dev.text_features,
+                         dev.caption_to_image, torch.device("cpu")) for seed in evaluation.eval_seeds(config)]
+    assert {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]} == pytest.approx(
+        {k: v["mean"] for k, v in own["methods"]["repblend"].items() if k != "diagnostics"}, abs=1e-9)
 
     caplog.set_level(logging.INFO, logger="repblend")
     other = evaluation.evaluate(load_config(None, [*common, f"eval.sets.from_a={set_path}"]), tmp_path / "b", caches)
@@ -453,6 +461,10 @@ def test_eval_sets_evaluates_other_sets_in_the_same_table_and_refuses_those_that
             evaluation.evaluate(load_config(None, [*common, f"eval.sets.ok={set_path}", f"eval.sets.{name}={path}"]),
                                 tmp_path / name, caches)
         assert not (tmp_path / name / "eval" / "rows").exists()  # refused before the good set's row trained
+    bare = tmp_path / "bare.safetensors"
+    write_tensors(bare, syn, metadata={k: v for k, v in meta.items() if k != "config"})
+    with pytest.raises(DataError, match=rf"^{bare}: its metadata has no config to take the evaluation protocol from"):
+        repblend.train_on(bare)
     with pytest.raises(DataError, match=rf"^eval.sets.gone: {tmp_path / 'gone.safetensors'}: no distilled set here"):
         evaluation.evaluate(load_config(None, [*common, f"eval.sets.gone={tmp_path / 'gone.safetensors'}"]),
                             tmp_path / "gone", caches)
