@@ -19,11 +19,16 @@ from repblend.stages.io import read_json
 _NOT_SETTINGS = ("data.root", "run.name", "run.progress", "run.progress_every", "run.tensorboard")
 
 
+# settings whose value is a mapping of the user's names (one value to compare, not sections)
+_MAPPINGS = ("eval.sets",)
+_ABSENT = "-"  # a key one run's config does not have (a run made before it existed)
+
+
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and name not in _MAPPINGS:
             out.update(_flat(value, f"{name}."))
         else:
             out[name] = value
@@ -35,8 +40,8 @@ def _differences(configs: list[dict]) -> list[dict[str, object]]:
     flats = [_flat(c) for c in configs]
     keys = sorted({k for flat in flats for k in flat})
     differing = [k for k in keys if k not in _NOT_SETTINGS and not k.endswith(".dir")
-                 and len({repr(flat.get(k)) for flat in flats}) > 1]
-    return [{k: flat.get(k) for k in differing} for flat in flats]
+                 and len({repr(flat.get(k, _ABSENT)) for flat in flats}) > 1]
+    return [{k: flat.get(k, _ABSENT) for k in differing} for flat in flats]
 
 
 def load_run(run_dir: Path) -> tuple[dict, dict]:

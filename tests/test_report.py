@@ -99,5 +99,13 @@ def test_compare_tables_several_runs_with_g_and_what_differs(tmp_path, capsys):
     # names and paths differ too, but only the settings are listed
     assert f"- {tmp_path / 'a'}: distill.num_queries=99\n- {tmp_path / 'b'}: distill.num_queries=199" in table
 
+    (tmp_path / "c").mkdir()  # eval.sets is one value; a key a run's config lacks shows as "-"
+    _fake_run(tmp_path / "c", 99, 50.0, lr_img=100)
+    with open(tmp_path / "c" / "config.yaml", "a") as config:
+        config.write("eval:\n  sets:\n    pub: /x.safetensors\n")
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 0
+    assert (f"- {tmp_path / 'a'}: eval.sets=-\n- {tmp_path / 'c'}: eval.sets={{'pub': '/x.safetensors'}}"
+            in capsys.readouterr().out)
+
     assert main(["compare", str(tmp_path / "a"), str(tmp_path)]) != 0
     assert f"{tmp_path}: no results.json" in capsys.readouterr().err
