@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from repblend.stages.diagnostics import DIAGNOSTICS
 from repblend.stages.evaluate import (METRICS, PairSet, TrainSettings, evaluate_pairs, evaluate_seeds,
                                       scored_retrieval, summarize_seeds, train_heads)
 from repblend.stages.io import file_digest, read_json, write_json, write_text
+from repblend.stages.progress import progress_bar
 
 INVERTED = "repblend_pixels"  # the results row of the feature set inverted to images (invert.enabled)
 MATCHED = "repblend_matched"  # with refine.enabled: the row of the set as trajectory matching left it
@@ -91,28 +93,54 @@ def full_settings(config: Config) -> TrainSettings:
 
 
 def full_bound(config: Config, train, evalset, device: torch.device,
-               model: Callable[[], nn.Module] | None = None) -> tuple[dict, dict]:
+               model: Callable[[], nn.Module] | None = None, keep: Path | None = None) -> tuple[dict, dict]:
     """All real pairs, CLIP loss, cosine schedule; (lr, epoch) swept on the eval split, so the bound is strong
     (a weak bound would inflate the share of the gap that distillation closes). `model` trains another student
-    with the heads' interface the same way (benchmarks/rank_limit.py: heads whose first layers are rank-limited)."""
+    with the heads' interface the same way (benchmarks/rank_limit.py: heads whose first layers are rank-limited).
+    With `keep`, each lr's curve and each further seed's run is kept there as it finishes and read back, so a killed
+    bound (hours on COCO) continues from its last finished lr or seed."""
     settings = full_settings(config)
     everything = torch.arange(train.text_features.shape[0], device=device)
     eval_features = (evalset.image_features, evalset.text_features, evalset.caption_to_image)
     curve: list[tuple[float, int, dict]] = []
-    for lr in config.eval.full_lrs:
-        started = time.perf_counter()
-        train_heads(_real_pairs(train, everything, lr), settings, config.run.seed, device, model=model,
-                    on_epoch=lambda epoch, heads, lr=lr: curve.append(
-                        (lr, epoch, scored_retrieval(heads, *eval_features, device))))
-        log.info("eval full: lr %g, best r_mean %.2f over %d epochs (%.0f s)", lr,
-                 max(m["r_mean"] for x, _, m in curve if x == lr), settings.epochs, time.perf_counter() - started)
+    lrs = list(config.eval.full_lrs)
+    with progress_bar(len(lrs) * settings.epochs, desc="eval full", unit="epoch",
+                      enabled=config.run.progress, every=config.run.progress_every) as bar:
+        for lr in lrs:
+            part = None if keep is None else keep / f"lr-{lr:g}.json"
+            if part is not None and part.is_file():
+                curve += [(lr, point["epoch"], point["metrics"]) for point in read_json(part)]
+                log.info("eval full: lr %g read back from %s", lr, part)
+                bar.update(settings.epochs)
+                continue
+            started, points = time.perf_counter(), []
+
+            def on_epoch(epoch: int, heads: nn.Module) -> None:
+                points.append({"epoch": epoch, "metrics": scored_retrieval(heads, *eval_features, device)})
+                bar.set_postfix(lr=f"{lr:g}", r_mean=f"{points[-1]['metrics']['r_mean']:.2f}")
+                bar.update(1)
+
+            train_heads(_real_pairs(train, everything, lr), settings, config.run.seed, device, model=model,
+                        on_epoch=on_epoch)
+            if part is not None:
+                write_json(part, points)
+            curve += [(lr, point["epoch"], point["metrics"]) for point in points]
+            log.info("eval full: lr %g, best r_mean %.2f over %d epochs (%.0f s)", lr,
+                     max(point["metrics"]["r_mean"] for point in points), settings.epochs,
+                     time.perf_counter() - started)
     best_lr, best_epoch, best = max(curve, key=lambda item: item[2]["r_mean"])
     runs = [best]
     for seed in eval_seeds(config)[1:]:  # same schedule, stopped at the selected epoch
+        part = None if keep is None else keep / f"seed-{seed}-lr-{best_lr:g}-epoch-{best_epoch}.json"
+        if part is not None and part.is_file():
+            runs.append(read_json(part))
+            continue
         heads = train_heads(_real_pairs(train, everything, best_lr), settings, seed, device, stop_after=best_epoch,
                             model=model)
         runs.append(scored_retrieval(heads, *eval_features, device))
-    info = {"lrs": list(config.eval.full_lrs), "epochs": config.eval.full_epochs, "best_lr": best_lr,
+        if part is not None:
+            write_json(part, runs[-1])
+    info = {"lrs": lrs, "epochs": config.eval.full_epochs, "best_lr": best_lr,
             "best_epoch": best_epoch, "selected_on": config.data.eval_split,
             "curve": [{"lr": lr, "epoch": epoch, "r_mean": round(m["r_mean"], 2)} for lr, epoch, m in curve]}
     return summarize_seeds(runs), info
@@ -139,8 +167,10 @@ def reused_full_bound(config: Config, caches: dict[str, FeatureCache], train, ev
         log.info("eval full: read back from %s (same features, protocol and seeds; eval.reuse_full=false trains "
                  "it again)", path)
         return saved["metrics"], {**saved["info"], "reused": str(path)}
-    metrics, info = full_bound(config, train, evalset, device)
+    parts = path.with_suffix(".parts")  # what a killed bound finished: its lrs' curves, its further seeds
+    metrics, info = full_bound(config, train, evalset, device, keep=parts)
     write_json(path, {"metrics": metrics, "info": info, "key": key})
+    shutil.rmtree(parts, ignore_errors=True)
     return metrics, info
 
 

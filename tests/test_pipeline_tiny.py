@@ -297,6 +297,41 @@ def test_full_bound_is_read_back_by_runs_on_the_same_features_and_protocol(toy, 
         assert trained, overrides
 
 
+def test_a_killed_full_bound_continues_from_its_finished_lrs_and_seeds(toy, tmp_path, monkeypatch, caplog):
+    """Each lr's curve and each further seed's run is kept as it finishes: killed in its second lr, the bound trains
+    only what was left when rerun, and gives the uninterrupted bound to the digit; the parts go once it is whole."""
+    common = [f"data.root={toy}", "distill.space=feature", *STABLE_LRS, *TINY, "eval.methods=[full]",
+              "eval.num_eval=3"]
+    straight = load_config(None, [*common, f"cache.dir={tmp_path / 'a'}"])
+    expected = evaluation.evaluate(straight, tmp_path / "run_a", steps.encode(straight))["methods"]["full"]
+
+    config = load_config(None, [*common, f"cache.dir={tmp_path / 'b'}"])
+    caches = steps.encode(config)
+    trained: list[tuple[float, int | None]] = []
+    real = evaluation.train_heads
+
+    def counting(pairs, settings, seed, device, **kwargs):
+        trained.append((pairs.lr_img, kwargs.get("stop_after")))
+        if len(trained) == 2 and kill:
+            raise KeyboardInterrupt  # killed in the second lr
+        return real(pairs, settings, seed, device, **kwargs)
+
+    monkeypatch.setattr(evaluation, "train_heads", counting)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(config, tmp_path / "run_b", caches)
+    parts = list((tmp_path / "b" / "bounds").glob("full-*.parts"))
+    assert [p.name for p in parts[0].iterdir()] == ["lr-0.01.json"]
+    kill, trained[:] = False, []
+    with caplog.at_level(logging.INFO, logger="repblend"):
+        resumed = evaluation.evaluate(config, tmp_path / "run_b", caches)["methods"]["full"]
+    assert "eval full: lr 0.01 read back from" in caplog.text
+    lrs = [lr for lr, stop in trained if stop is None]
+    assert lrs == [0.03, 0.1] and len(trained) == 2 + 2  # the other lrs, then the two further seeds
+    assert resumed == expected
+    assert not parts[0].exists()
+
+
 def _rows_by_how(caplog) -> tuple[set[str], set[str]]:
     """The rows an evaluation trained and the rows it read back, from its log lines."""
     lines = [line for line in (r.getMessage() for r in caplog.records)
