@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,12 +20,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from repblend.stages.encoders import ImageEncoder, TextEncoder, encode_texts
 from repblend.stages.errors import CacheError, DataError
 from repblend.stages.ingest import CaptionTable, load_image
-from repblend.stages.io import write_json, write_tensors
+from repblend.stages.io import tensors_metadata, write_json, write_tensors
 from repblend.stages.progress import DEFAULT_EVERY, progress_bar
 
 CACHE_VERSION = 1
@@ -148,14 +151,44 @@ def _collate(batch):
     return batch
 
 
+CHUNK_IMAGES = 4096  # about this many images between two kept parts of an encode (rounded up to whole batches)
+
+
 def encode_images(encoder: ImageEncoder, paths: list[str], *, batch_size: int, num_workers: int,
                   device: torch.device, on_error: str, progress: bool, desc: str,
-                  progress_every: float = DEFAULT_EVERY) -> tuple[torch.Tensor, list[int]]:
-    """Features of every decodable image, and the indices of the images that were kept."""
-    loader = DataLoader(_ImageDataset(paths, encoder.preprocess.transform()), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
+                  progress_every: float = DEFAULT_EVERY, keep: Path | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Features of every decodable image, and the indices of the images that were kept. With `keep`, they are kept
+    there in parts of whole batches as they are made, and the parts a killed encode made (on the same device, in the
+    same batches) are read back: the same features as one pass, without decoding those images again."""
+    chunk = batch_size * max(1, math.ceil(CHUNK_IMAGES / batch_size)) if keep is not None else max(1, len(paths))
     features, kept = [], []
     bar = progress_bar(len(paths), desc=desc, unit="img", enabled=progress, every=progress_every)
+    for start in range(0, len(paths), chunk):
+        some = paths[start:start + chunk]
+        part = None if keep is None else keep / f"images-{start:09d}.safetensors"
+        made_by = {"device": device.type, "batch_size": str(batch_size), "images": str(len(some))}
+        if part is not None and part.is_file() and tensors_metadata(part) == made_by:
+            done = load_file(str(part))
+            part_features, part_kept = done["features"], done["kept"].tolist()
+            bar.update(len(some))
+        else:
+            part_features, part_kept = _encode_part(encoder, some, batch_size, num_workers, device, on_error, bar)
+            if part is not None:
+                write_tensors(part, {"features": part_features, "kept": torch.tensor(part_kept, dtype=torch.long)},
+                              metadata=made_by)
+        features.append(part_features)
+        kept.extend(start + i for i in part_kept)
+    bar.close()
+    if not kept:
+        raise DataError(f"no image could be decoded ({len(paths)} tried)")
+    return torch.cat(features), kept
+
+
+def _encode_part(encoder: ImageEncoder, paths: list[str], batch_size: int, num_workers: int, device: torch.device,
+                 on_error: str, bar) -> tuple[torch.Tensor, list[int]]:
+    loader = DataLoader(_ImageDataset(paths, encoder.preprocess.transform()), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
+    features, kept = [torch.empty(0, encoder.feature_dim)], []
     with torch.inference_mode(), _autocast(device):
         for batch in loader:
             good = []
@@ -171,9 +204,6 @@ def encode_images(encoder: ImageEncoder, paths: list[str], *, batch_size: int, n
                 features.append(encoder(x).float().cpu())
                 kept.extend(i for i, _ in good)
             bar.update(len(batch))
-    bar.close()
-    if not kept:
-        raise DataError(f"no image could be decoded ({len(paths)} tried)")
     return torch.cat(features), kept
 
 
@@ -190,10 +220,12 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
     device = torch.device(device)
     start = time.perf_counter()
     records = table.records
+    parts = cache.tensors_path.with_suffix(".parts")  # a killed encode's finished images, gone once the cache is
     if image_features is None:
         image_features = encode_images(image_encoder, [r.path for r in records], batch_size=image_batch_size,
                                        num_workers=num_workers, device=device, on_error=on_error,
-                                       progress=progress, desc=f"encode {split} images", progress_every=progress_every)
+                                       progress=progress, desc=f"encode {split} images", progress_every=progress_every,
+                                       keep=parts)
     img_feats, kept = image_features
     kept_records = [records[i] for i in kept]
     captions = [c for r in kept_records for c in r.captions]
@@ -225,4 +257,5 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
         "captions": captions,
     }
     write_json(cache.manifest_path, manifest)
+    shutil.rmtree(parts, ignore_errors=True)
     return cache

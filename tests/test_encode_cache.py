@@ -124,3 +124,47 @@ def test_file_digest_is_the_content_hash_and_follows_rewrites(tmp_path):
     with path.open("ab") as f:
         f.write(b"x")
     assert file_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_killed_encode_continues_from_its_kept_parts_to_the_same_cache(toy, tmp_path, monkeypatch):
+    """Images are encoded in parts of whole batches, each kept as it finishes; killed in its second part, an encode
+    rerun decodes only the images after the first part and writes the cache a straight run writes, bit for bit. The
+    parts go once the cache is whole; parts from another device or batch size are encoded again."""
+    from safetensors.torch import load_file
+
+    from repblend.stages import encode as encode_module
+
+    extra = ("cache.dtype=float32", "encoders.image_batch_size=2")
+    straight = steps.encode(load_config(None, [f"data.root={toy}", "data.name=toy", f"cache.dir={tmp_path / 'a'}",
+                                               *TINY, *extra]))  # one part per split
+    monkeypatch.setattr(encode_module, "CHUNK_IMAGES", 3)  # parts of 4 images: two batches of 2
+    config = _config(toy, tmp_path, *extra)
+    real, encoded = encode_module._encode_part, []
+
+    def part(encoder, paths, *args):
+        encoded.append(len(paths))
+        if len(encoded) == 2 and kill:
+            raise KeyboardInterrupt
+        return real(encoder, paths, *args)
+
+    monkeypatch.setattr(encode_module, "_encode_part", part)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        steps.encode(config)
+    kept = list((tmp_path / "cache").glob("*.parts/images-*.safetensors"))
+    assert [p.name for p in kept] == ["images-000000000.safetensors"]
+    kill, encoded[:] = False, []
+    caches = steps.encode(config)
+    assert sum(encoded) == 12 + 6 - 4  # every image but the kept part's four
+    for split in ("train", "dev"):
+        ours, theirs = load_file(str(caches[split].tensors_path)), load_file(str(straight[split].tensors_path))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not list((tmp_path / "cache").glob("*.parts"))
+
+    other = tmp_path / "other"  # killed with batches of 2, rerun with batches of 4: nothing is read back
+    kill, encoded[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        steps.encode(_config(toy, other, *extra))
+    kill, encoded[:] = False, []
+    steps.encode(_config(toy, other, "cache.dtype=float32", "encoders.image_batch_size=4"))
+    assert sum(encoded) == 12 + 6
