@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     compare.add_argument("--methods", help="comma-separated rows to keep, e.g. repblend,lors (default: all)")
     compare.add_argument("--out", help="also write the table to this Markdown file")
+    compare.add_argument("--over-seeds", action="store_true",
+                         help="one row per experiment: runs alike but for run.seed, as mean ± std over them")
     compare.add_argument("--debug", action="store_true")
     return parser
 
@@ -84,7 +86,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from repblend.stages.io import write_text
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-        table = compare_table([Path(d) for d in args.run_dirs], methods)
+        table = compare_table([Path(d) for d in args.run_dirs], methods, over_seeds=args.over_seeds)
         if args.out:
             write_text(args.out, table)
         print(table, end="")

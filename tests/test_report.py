@@ -67,7 +67,7 @@ def test_report_counts_the_spike_guards_actions(tmp_path):
     assert "Spike guard (distill.rewind_loss): 3 updates skipped, 1 rewinds at iterations 4 (rewound to 0)." in report
 
 
-def _fake_run(run_dir, pairs: int, repblend: float, lr_img: float) -> None:
+def _fake_run(run_dir, pairs: int, repblend: float, lr_img: float, seed: int = 0) -> None:
     """A run directory as `repblend run` leaves it, as far as `compare` reads it."""
     from repblend.stages.io import write_json
 
@@ -77,8 +77,9 @@ def _fake_run(run_dir, pairs: int, repblend: float, lr_img: float) -> None:
 
     write_json(run_dir / "results.json", {"methods": {"repblend": row(repblend), "random": row(20), "full": row(60)},
                                           "pairs": pairs, "eval_split": "dev", "seeds": [1, 2]})
-    (run_dir / "config.yaml").write_text(f"run:\n  name: {run_dir.name}\n  seed: 0\ndistill:\n  num_queries: {pairs}\n"
-                                         f"  lr_img: {lr_img}\n  iterations: 300\nbuffer:\n  dir: {run_dir}/buffer\n")
+    (run_dir / "config.yaml").write_text(f"run:\n  name: {run_dir.name}\n  seed: {seed}\ndistill:\n"
+                                         f"  num_queries: {pairs}\n  lr_img: {lr_img}\n  iterations: 300\n"
+                                         f"buffer:\n  dir: {run_dir}/buffer\n")
 
 
 def test_compare_tables_several_runs_with_g_and_what_differs(tmp_path, capsys):
@@ -109,3 +110,24 @@ def test_compare_tables_several_runs_with_g_and_what_differs(tmp_path, capsys):
 
     assert main(["compare", str(tmp_path / "a"), str(tmp_path)]) != 0
     assert f"{tmp_path}: no results.json" in capsys.readouterr().err
+
+
+def test_compare_over_seeds_makes_one_row_per_experiment(tmp_path, capsys):
+    from repblend.pipeline.cli import main
+
+    for name, pairs, repblend, seed in (("a0", 99, 50.0, 0), ("a1", 99, 54.0, 1), ("b", 199, 55.0, 0)):
+        (tmp_path / name).mkdir()
+        _fake_run(tmp_path / name, pairs, repblend, lr_img=100, seed=seed)
+    runs = [str(tmp_path / name) for name in ("a0", "a1", "b")]
+    assert main(["compare", *runs, "--over-seeds", "--methods", "repblend"]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith(f"| {tmp_path}")]
+    # a: the mean and sample std of 50 and 54 (52.0 ± 2.8), G = (52 - 20) / 40; b: one run, its mean, no spread
+    assert rows == [f"| {tmp_path / 'a0'} (+1; seeds 0, 1) | 99 | repblend | " + " | ".join(
+                        ["52.0 ± 2.8"] * 3 + ["0.80"] * 3) + " |",
+                    f"| {tmp_path / 'b'} | 199 | repblend | " + " | ".join(["55.0"] * 3 + ["0.88"] * 3) + " |"]
+    assert (f"- {tmp_path / 'a0'} (+1; seeds 0, 1): distill.num_queries=99\n"
+            f"- {tmp_path / 'b'}: distill.num_queries=199") in table
+    assert "run.seed" not in table.split("Settings that differ")[1]
+    assert main(["compare", runs[0], runs[1], "--over-seeds"]) == 0
+    assert "All 2 runs are one experiment (their configs differ only in run.seed)." in capsys.readouterr().out
