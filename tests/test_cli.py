@@ -80,7 +80,7 @@ def test_a_path_the_machine_refuses_is_one_line_naming_it(tmp_path, capsys):
                  f"cache.dir={tmp_path / 'a_file' / 'cache'}", "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1
-    assert f"repblend encode: error: [Errno 20] Not a directory: '{tmp_path / 'a_file' / 'cache'}'" in err
+    assert f"repblend encode: error: [Errno 20] Not a directory: '{tmp_path / 'a_file' / 'cache'}" in err
     assert "Traceback" not in err
 
 
