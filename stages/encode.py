@@ -220,7 +220,10 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
     device = torch.device(device)
     start = time.perf_counter()
     records = table.records
-    parts = cache.tensors_path.with_suffix(".parts")  # a killed encode's finished images, gone once the cache is
+    fingerprint = fingerprint or table.fingerprint()
+    # a killed encode's finished images, named by what made them (an explicit cache.dir keeps one stem for any
+    # encoder), gone once the cache is written
+    parts = cache.tensors_path.with_name(f"{cache.tensors_path.stem}.parts-{identity.key(fingerprint)}")
     if image_features is None:
         image_features = encode_images(image_encoder, [r.path for r in records], batch_size=image_batch_size,
                                        num_workers=num_workers, device=device, on_error=on_error,
@@ -249,7 +252,7 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
         "image_encoder": {**identity.image, "feature_dim": int(img_feats.shape[1])},
         "text_encoder": {**identity.text, "feature_dim": text_encoder.feature_dim},
         "dtype": identity.dtype,
-        "inputs_fingerprint": fingerprint or table.fingerprint(),
+        "inputs_fingerprint": fingerprint,
         "skipped_images": len(records) - len(kept_records),
         "seconds": {"images": round(image_seconds, 2), "total": round(seconds, 2)},
         "image_ids": [r.image_id for r in kept_records],

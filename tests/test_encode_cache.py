@@ -129,7 +129,7 @@ def test_file_digest_is_the_content_hash_and_follows_rewrites(tmp_path):
 def test_a_killed_encode_continues_from_its_kept_parts_to_the_same_cache(toy, tmp_path, monkeypatch):
     """Images are encoded in parts of whole batches, each kept as it finishes; killed in its second part, an encode
     rerun decodes only the images after the first part and writes the cache a straight run writes, bit for bit. The
-    parts go once the cache is whole; parts from another device or batch size are encoded again."""
+    parts go once the cache is whole; parts from another device, batch size or encoder are encoded again."""
     from safetensors.torch import load_file
 
     from repblend.stages import encode as encode_module
@@ -151,7 +151,7 @@ def test_a_killed_encode_continues_from_its_kept_parts_to_the_same_cache(toy, tm
     kill = True
     with pytest.raises(KeyboardInterrupt):
         steps.encode(config)
-    kept = list((tmp_path / "cache").glob("*.parts/images-*.safetensors"))
+    kept = list((tmp_path / "cache").glob("*.parts-*/images-*.safetensors"))
     assert [p.name for p in kept] == ["images-000000000.safetensors"]
     kill, encoded[:] = False, []
     caches = steps.encode(config)
@@ -159,12 +159,15 @@ def test_a_killed_encode_continues_from_its_kept_parts_to_the_same_cache(toy, tm
     for split in ("train", "dev"):
         ours, theirs = load_file(str(caches[split].tensors_path)), load_file(str(straight[split].tensors_path))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert not list((tmp_path / "cache").glob("*.parts"))
+    assert not list((tmp_path / "cache").glob("*.parts-*"))
 
-    other = tmp_path / "other"  # killed with batches of 2, rerun with batches of 4: nothing is read back
-    kill, encoded[:] = True, []
-    with pytest.raises(KeyboardInterrupt):
-        steps.encode(_config(toy, other, *extra))
-    kill, encoded[:] = False, []
-    steps.encode(_config(toy, other, "cache.dtype=float32", "encoders.image_batch_size=4"))
-    assert sum(encoded) == 12 + 6
+    # killed with batches of 2, rerun with batches of 4, or with another encoder into the same cache.dir: nothing is
+    # read back
+    for changed in (["encoders.image_batch_size=4"], ["encoders.image.image_size=48", "cache.overwrite=true"]):
+        other = tmp_path / changed[0]
+        kill, encoded[:] = True, []
+        with pytest.raises(KeyboardInterrupt):
+            steps.encode(_config(toy, other, *extra))
+        kill, encoded[:] = False, []
+        steps.encode(_config(toy, other, *extra, *changed))
+        assert sum(encoded) == 12 + 6, changed
