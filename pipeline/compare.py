@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from repblend.pipeline.config import flat_keys
 from repblend.pipeline.evaluation import GAP_METRICS, gap_closed, share_cell
 from repblend.stages.errors import DataError
 from repblend.stages.io import read_json
@@ -25,23 +26,20 @@ _MAPPINGS = ("eval.sets",)
 _ABSENT = "-"  # a key one run's config does not have (a run made before it existed)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and name not in _MAPPINGS:
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
+def _flat(config: dict) -> dict[str, object]:
+    return flat_keys(config, leaves=_MAPPINGS)
+
+
+def _is_setting(key: str, ignore: tuple[str, ...] = ()) -> bool:
+    """A key that changes what a run measures (not where its files go or how it logs), and not one of `ignore`."""
+    return key not in _NOT_SETTINGS and key not in ignore and not key.endswith(".dir")
 
 
 def _differences(configs: list[dict], ignore: tuple[str, ...] = ()) -> list[dict[str, object]]:
     """Per run, the settings whose values are not the same in every run (paths and logging left out)."""
     flats = [_flat(c) for c in configs]
     keys = sorted({k for flat in flats for k in flat})
-    differing = [k for k in keys if k not in _NOT_SETTINGS and k not in ignore and not k.endswith(".dir")
-                 and len({repr(flat.get(k, _ABSENT)) for flat in flats}) > 1]
+    differing = [k for k in keys if _is_setting(k, ignore) and len({repr(flat.get(k, _ABSENT)) for flat in flats}) > 1]
     return [{k: flat.get(k, _ABSENT) for k in differing} for flat in flats]
 
 
@@ -58,8 +56,7 @@ def load_run(run_dir: Path) -> tuple[dict, dict]:
 def _settings_but_seed(config: dict) -> str:
     """A run's settings without its seed (and without paths and logging): runs alike in this are one experiment's
     repeats."""
-    flat = {k: v for k, v in _flat(config).items() if k not in _NOT_SETTINGS and k != "run.seed"
-            and not k.endswith(".dir")}
+    flat = {k: v for k, v in _flat(config).items() if _is_setting(k, ignore=("run.seed",))}
     return repr(sorted(flat.items()))
 
 

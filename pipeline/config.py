@@ -624,11 +624,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = Path(path)
         cfg = _merge(cfg, _read_yaml(path), str(path))
-    cfg = _merge(cfg, _parse_overrides(list(overrides)), "override")
-    try:
-        config = OmegaConf.to_object(cfg)  # runs each section's __post_init__ (ConfigError passes through)
-    except OmegaConfBaseException as exc:
-        raise _friendly(exc, str(path or "config")) from exc
+    config = _validated(_merge(cfg, _parse_overrides(list(overrides)), "override"), str(path or "config"))
     if not config.run.name and path is not None:
         config.run.name = Path(path).stem
     return config
@@ -636,10 +632,26 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def config_from_yaml(text: str, origin: str) -> Config:
     """A resolved config as a run recorded it (a set's metadata), validated as `load_config` would."""
+    return _validated(_merge(OmegaConf.structured(Config), yaml.safe_load(text), origin), origin)
+
+
+def _validated(cfg: DictConfig, origin: str) -> Config:
     try:
-        return OmegaConf.to_object(_merge(OmegaConf.structured(Config), yaml.safe_load(text), origin))
+        return OmegaConf.to_object(cfg)  # runs each section's __post_init__ (ConfigError passes through)
     except OmegaConfBaseException as exc:
         raise _friendly(exc, origin) from exc
+
+
+def flat_keys(tree: dict, prefix: str = "", leaves: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A nested mapping (a config as a dict, an identity) as {"a.b.c": value}; keys in `leaves` stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in leaves:
+            out.update(flat_keys(value, f"{name}.", leaves))
+        else:
+            out[name] = value
+    return out
 
 
 def to_dict(config: Config) -> dict:

@@ -193,8 +193,14 @@ class Protocol:
 
     def synthetic_pairs(self, images: torch.Tensor, texts: torch.Tensor, similarity: torch.Tensor,
                         syn_lr_img: torch.Tensor, syn_lr_txt: torch.Tensor) -> PairSet:
-        """A distilled set as it trains: against its learned S at its learned lrs (the image lr scaled)."""
-        return PairSet(images, texts, similarity, float(syn_lr_img) * self.syn_lr_img_scale, float(syn_lr_txt))
+        return synthetic_pairs(images, texts, similarity, syn_lr_img, syn_lr_txt, self.syn_lr_img_scale)
+
+
+def synthetic_pairs(images: torch.Tensor, texts: torch.Tensor, similarity: torch.Tensor,
+                    syn_lr_img: torch.Tensor | float, syn_lr_txt: torch.Tensor | float,
+                    syn_lr_img_scale: float) -> PairSet:
+    """A distilled set as it trains: against its learned S at its learned lrs (the image lr x eval.syn_lr_img_scale)."""
+    return PairSet(images, texts, similarity, float(syn_lr_img) * syn_lr_img_scale, float(syn_lr_txt))
 
 
 def protocol(config: Config, caches: dict[str, FeatureCache], split: str, device: torch.device) -> Protocol:
@@ -280,14 +286,11 @@ def evaluate(config: Config, run_dir: Path, caches: dict[str, FeatureCache]) -> 
                                             "protocol": _protocol_key(config)}, initial_pairs)
         if config.invert.enabled:
             _inverted_row(config, run_dir, rows, measure, set_key, seeds, device, methods, notes)
-    if config.eval.sets:
-        heads = Protocol(eval_features, None, lambda idx: train.image_features[idx], config.eval.syn_lr_img_scale)
-        heads_key = {"settings": settings, "protocol": _protocol_key(config, fine_tunes=False)}
-        for name, (path, extra) in extra_sets.items():
-            methods[name] = rows.row(name, {"set": file_digest(path), **heads_key}, lambda extra=extra: evaluate_pairs(
-                heads.synthetic_pairs(extra.image_features, extra.texts, extra.similarity, extra.syn_lr_img,
-                                      extra.syn_lr_txt), settings, eval_features, seeds, device, diagnose=True))
-            notes[name] = extra_set_note(path, extra, n)
+    heads_key = {"settings": settings, "protocol": _protocol_key(config, fine_tunes=False)}  # fresh heads, always
+    for name, (path, extra) in extra_sets.items():
+        methods[name] = rows.row(name, {"set": file_digest(path), **heads_key}, lambda extra=extra: evaluate_pairs(
+            distilled_pairs(extra, config), settings, eval_features, seeds, device, diagnose=True))
+        notes[name] = extra_set_note(path, extra, n)
     for method in config.eval.methods:
         if method in ("random", "herding", "kcenter"):
             def coreset(method: str = method) -> dict:
@@ -411,18 +414,23 @@ def train_on(distilled: DistilledSet | str | Path, seed: int = 0, device: torch.
     to use it; `heads(image_features, text_features)` then gives L2-normalised embeddings in the shared space."""
     from repblend.pipeline.config import config_from_yaml
 
-    where = "the distilled set" if isinstance(distilled, DistilledSet) else str(distilled)
-    if not isinstance(distilled, DistilledSet):
-        distilled = load_distilled(distilled)
+    if isinstance(distilled, DistilledSet):
+        where = "the distilled set"
+    else:
+        where, distilled = str(distilled), load_distilled(distilled)
     if "config" not in distilled.metadata:
         raise DataError(f"{where}: its metadata has no config to take the evaluation protocol from")
     config = config_from_yaml(distilled.metadata["config"], f"{where} (its recorded config)")
     if fine_tunes_encoder(config):
         raise DataError(f"{where}: a LoRS set trains its image encoder, not heads on features; evaluate it with "
                         "`repblend eval` and its config")
-    pairs = PairSet(distilled.image_features, distilled.texts, distilled.similarity,
-                    distilled.syn_lr_img * config.eval.syn_lr_img_scale, distilled.syn_lr_txt)
-    return train_heads(pairs, train_settings(config), seed, torch.device(device))
+    return train_heads(distilled_pairs(distilled, config), train_settings(config), seed, torch.device(device))
+
+
+def distilled_pairs(distilled: DistilledSet, config: Config) -> PairSet:
+    """A loaded set as fresh heads train on its image features under `config`'s protocol."""
+    return synthetic_pairs(distilled.image_features, distilled.texts, distilled.similarity, distilled.syn_lr_img,
+                           distilled.syn_lr_txt, config.eval.syn_lr_img_scale)
 
 
 def evaluate_synthetic(syn: dict[str, torch.Tensor], measure: Protocol, settings: TrainSettings, seeds: list[int],

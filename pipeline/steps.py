@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from repblend.pipeline.config import Config, to_dict, to_yaml
+from repblend.pipeline.config import Config, flat_keys, to_dict, to_yaml
 from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
 from repblend.stages.errors import CacheError, ConfigError, DataError, RepblendError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
@@ -214,10 +214,7 @@ def _check_buffer_identity(buffer_dir: Path, identity: dict) -> None:
         return
     recorded = json.loads(index_path.read_text()).get("identity")
     if recorded is not None and recorded != identity:
-        keys = sorted(k for k in {*identity, *recorded} if recorded.get(k) != identity.get(k))
-        if "settings" in keys:
-            keys = ["settings." + k for k in sorted(identity["settings"])
-                    if recorded.get("settings", {}).get(k) != identity["settings"][k]]
+        keys = [key for key, _, _ in differing_keys(recorded, identity)]
         raise ConfigError(f"{buffer_dir} holds experts built with different {', '.join(keys)}: point buffer.dir "
                           "at another folder, or delete this one to rebuild it")
 
@@ -424,7 +421,7 @@ SET_DATA_KEYS = ("name", "format", "generated", "annotations", "train_split", "m
 
 def distill_identity(config: Config) -> dict:
     """What a distilled set depends on, from the config alone (so a command can check it before it writes anything),
-    as JSON: RUN_DIR/distill/identity.json."""
+    as JSON (lists, not tuples): RUN_DIR/distill/identity.json."""
     settings = to_dict(config)
     experts = dataclasses.asdict(expert_settings(config))
     experts.pop("keep_epochs")  # which snapshots are kept, not what they are
@@ -442,7 +439,7 @@ def tune_identity(config: Config) -> dict:
     search = {k: v for k, v in to_dict(config)["tune"].items()
               if k not in ("max_concurrent_trials", "trial_cpus", "trial_gpus")}
     select = {"val_split": config.data.val_split, "max_eval_images": config.data.max_eval_images}
-    return {**distill_identity(config), "tune": json.loads(json.dumps(search)), "select": select}
+    return {**distill_identity(config), "tune": search, "select": select}
 
 
 def claim_tune_dir(config: Config, run_dir: Path, *, record: bool = True) -> None:
@@ -450,11 +447,11 @@ def claim_tune_dir(config: Config, run_dir: Path, *, record: bool = True) -> Non
     claim_dir(run_dir / "tune_identity.json", tune_identity(config), "a search", record=record)
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
+def differing_keys(recorded: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, recorded value, value now) wherever two identities differ: what a refusal names."""
+    before, after = flat_keys(recorded), flat_keys(now)
+    return [(key, before.get(key), after.get(key)) for key in sorted({*before, *after})
+            if before.get(key) != after.get(key)]
 
 
 def claim_distill_dir(config: Config, run_dir: Path, *, record: bool = True) -> None:
@@ -473,9 +470,7 @@ def claim_dir(path: Path, identity: dict, made: str, *, recorded: dict | None = 
 
     recorded = read_json(path) if path.is_file() else recorded
     if recorded is not None:
-        before, now = _leaves(recorded), _leaves(identity)
-        differ = [f"{key} {before.get(key)!r} there, {now.get(key)!r} here"
-                  for key in sorted({*before, *now}) if before.get(key) != now.get(key)]
+        differ = [f"{key} {there!r} there, {here!r} here" for key, there, here in differing_keys(recorded, identity)]
         if differ:
             shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
             raise ConfigError(f"{path.parent} holds {made} with other settings ({shown}): pass another --run-dir, "
