@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from repblend.stages.encoders import ImageEncoder, TextEncoder, encode_texts
 from repblend.stages.errors import CacheError, DataError
 from repblend.stages.ingest import CaptionTable, load_image
-from repblend.stages.io import tensors_metadata, write_json, write_tensors
+from repblend.stages.io import kept_part, write_json, write_tensors
 from repblend.stages.progress import DEFAULT_EVERY, progress_bar
 
 CACHE_VERSION = 1
@@ -167,15 +166,15 @@ def encode_images(encoder: ImageEncoder, paths: list[str], *, batch_size: int, n
         some = paths[start:start + chunk]
         part = None if keep is None else keep / f"images-{start:09d}.safetensors"
         made_by = {"device": device.type, "batch_size": str(batch_size), "images": str(len(some))}
-        if part is not None and part.is_file() and tensors_metadata(part) == made_by:
-            done = load_file(str(part))
-            part_features, part_kept = done["features"], done["kept"].tolist()
+
+        def make(some: list[str] = some) -> dict[str, torch.Tensor]:
+            made, made_kept = _encode_part(encoder, some, batch_size, num_workers, device, on_error, bar)
+            return {"features": made, "kept": torch.tensor(made_kept, dtype=torch.long)}
+
+        done, read_back = kept_part(part, made_by, make)
+        if read_back:
             bar.update(len(some))
-        else:
-            part_features, part_kept = _encode_part(encoder, some, batch_size, num_workers, device, on_error, bar)
-            if part is not None:
-                write_tensors(part, {"features": part_features, "kept": torch.tensor(part_kept, dtype=torch.long)},
-                              metadata=made_by)
+        part_features, part_kept = done["features"], done["kept"].tolist()
         features.append(part_features)
         kept.extend(start + i for i in part_kept)
     bar.close()
@@ -221,8 +220,8 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
     start = time.perf_counter()
     records = table.records
     fingerprint = fingerprint or table.fingerprint()
-    # a killed encode's finished images, named by what made them (an explicit cache.dir keeps one stem for any
-    # encoder), gone once the cache is written
+    # a killed encode's finished images and captions, named by what made them (an explicit cache.dir keeps one stem
+    # for any encoder), gone once the cache is written
     parts = cache.tensors_path.with_name(f"{cache.tensors_path.stem}.parts-{identity.key(fingerprint)}")
     if image_features is None:
         image_features = encode_images(image_encoder, [r.path for r in records], batch_size=image_batch_size,
@@ -236,7 +235,7 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
     image_seconds = time.perf_counter() - start
     with _autocast(device):
         txt_feats = encode_texts(text_encoder, captions, batch_size=text_batch_size, progress=progress,
-                                 progress_every=progress_every)
+                                 progress_every=progress_every, keep=parts)
     dtype = _DTYPES[identity.dtype]
     write_tensors(cache.tensors_path, {
         "image_features": img_feats.to(dtype),

@@ -27,6 +27,7 @@ timm, transformers, open_clip and torchvision are imported inside the builders (
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
 import math
 import os
@@ -42,6 +43,7 @@ from torch.nn import functional as F
 
 from repblend.stages.bnfold import fold_batchnorm, same_function
 from repblend.stages.errors import EncoderError
+from repblend.stages.io import kept_part
 from repblend.stages.progress import DEFAULT_EVERY, progress_bar
 
 __all__ = [
@@ -241,16 +243,21 @@ class TextEncoder(_Frozen):
                 f"max_length={self.max_length}, weights={self.weights!r}")
 
 
+CHUNK_CAPTIONS = 16384  # about this many captions between two kept parts of an encode (rounded up to whole batches)
+
+
 def encode_texts(encoder: TextEncoder, captions: Sequence[str], batch_size: int = 256, *,
                  device: str | torch.device | None = None, progress: bool = False,
-                 progress_every: float = DEFAULT_EVERY) -> torch.Tensor:
+                 progress_every: float = DEFAULT_EVERY, keep: Path | None = None) -> torch.Tensor:
     """Features of all captions [N,feature_dim] (float32, on CPU), in the order given.
 
     Runs under torch.inference_mode. Captions are batched by token length (longest first) so batches
     carry little padding; the result is put back in input order. It is an ordinary tensor (not an
     inference tensor), so callers may use it in autograd later. `device` is accepted for symmetry with
     image encoding: tokens always go to the device of the encoder's parameters (move the encoder with
-    `.to(device)`).
+    `.to(device)`). With `keep` (a folder), the features are kept there in parts of whole batches as they are made,
+    and a killed encode's parts (same captions, device and batch size) are read back: the batches are the ones a
+    single pass makes, so the result is the same bit for bit.
     """
     del device  # the encoder's own device decides
     captions = list(captions)
@@ -261,14 +268,29 @@ def encode_texts(encoder: TextEncoder, captions: Sequence[str], batch_size: int 
         return out
     lengths = encoder.token_lengths(captions)
     order = sorted(range(len(captions)), key=lambda i: -lengths[i])
+    chunk = batch_size * max(1, math.ceil(CHUNK_CAPTIONS / batch_size))
+    on = next(encoder.parameters(), torch.empty(0)).device.type
     with progress_bar(len(captions), desc=f"encode captions ({encoder.name})", unit="cap", enabled=progress,
                       every=progress_every) as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            with torch.inference_mode():
-                feats = encoder([captions[i] for i in idx]).float().cpu()
-            out[torch.tensor(idx)] = feats
-            bar.update(len(idx))
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            some = [captions[i] for i in idx]
+            made_by = {"device": on, "batch_size": str(batch_size), "captions": str(len(some)),
+                       "sha256": hashlib.sha256("\n".join(some).encode()).hexdigest()}
+
+            def make(some: list[str] = some) -> dict[str, torch.Tensor]:
+                feats = []
+                for first in range(0, len(some), batch_size):
+                    with torch.inference_mode():
+                        feats.append(encoder(some[first:first + batch_size]).float().cpu())
+                    bar.update(len(feats[-1]))
+                return {"features": torch.cat(feats)}
+
+            part = None if keep is None else keep / f"captions-{start:09d}.safetensors"
+            done, read_back = kept_part(part, made_by, make)
+            if read_back:
+                bar.update(len(idx))
+            out[torch.tensor(idx)] = done["features"]
     return out
 
 

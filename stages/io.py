@@ -90,6 +90,21 @@ def tensors_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def kept_part(path: Path | None, made_by: dict[str, str],
+              make: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
+    """One part of a long computation (an encode), kept on disk as it finishes so a killed run loses only the part it
+    was in: read back when `path` holds a part made the same way (`made_by`, its metadata), else made and, with a
+    path, written. Returns the tensors and whether they were read back."""
+    if path is not None and path.is_file() and tensors_metadata(path) == made_by:
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), True
+    tensors = make()
+    if path is not None:
+        write_tensors(path, tensors, metadata=made_by)
+    return tensors, False
+
+
 _DIGESTS: dict[tuple, str] = {}
 
 

@@ -171,3 +171,50 @@ def test_a_killed_encode_continues_from_its_kept_parts_to_the_same_cache(toy, tm
         kill, encoded[:] = False, []
         steps.encode(_config(toy, other, *extra, *changed))
         assert sum(encoded) == 12 + 6, changed
+
+
+def test_a_killed_caption_encode_continues_from_its_kept_parts_to_the_same_cache(toy, tmp_path, monkeypatch):
+    """Captions are encoded in parts of whole length-sorted batches, each kept as it finishes: killed in the third
+    part, a rerun encodes only the captions after the first two parts (and no image again) and writes the cache a
+    straight run writes, bit for bit; parts from another batch size are encoded again."""
+    from safetensors.torch import load_file
+
+    from repblend.stages import encode as encode_module
+    from repblend.stages import encoders as encoders_module
+
+    extra = ("cache.dtype=float32", "encoders.text_batch_size=4")
+    straight = steps.encode(load_config(None, [f"data.root={toy}", "data.name=toy", f"cache.dir={tmp_path / 'a'}",
+                                               *TINY, *extra]))  # one part per split
+    monkeypatch.setattr(encoders_module, "CHUNK_CAPTIONS", 5)  # parts of 8 captions: two batches of 4
+    real, batches = encoders_module.TextEncoder.forward, []
+
+    def forward(self, captions):
+        batches.append(len(captions))
+        if len(batches) == 5 and kill:
+            raise KeyboardInterrupt
+        return real(self, captions)
+
+    monkeypatch.setattr(encoders_module.TextEncoder, "forward", forward)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        steps.encode(_config(toy, tmp_path, *extra))
+    kept = sorted(p.name for p in (tmp_path / "cache").glob("*.parts-*/captions-*.safetensors"))
+    assert kept == ["captions-000000000.safetensors", "captions-000000008.safetensors"]
+    kill, batches[:] = False, []
+    real_part, encoded_images = encode_module._encode_part, []
+    monkeypatch.setattr(encode_module, "_encode_part",
+                        lambda *args: encoded_images.append(len(args[1])) or real_part(*args))
+    caches = steps.encode(_config(toy, tmp_path, *extra))
+    assert sum(batches) == 60 + 30 - 16 and encoded_images == [6]  # the train images came back from their part
+    for split in ("train", "dev"):
+        ours, theirs = load_file(str(caches[split].tensors_path)), load_file(str(straight[split].tensors_path))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not list((tmp_path / "cache").glob("*.parts-*"))
+
+    kill, batches[:] = True, []  # killed with batches of 4, rerun with batches of 8: no caption part is read back
+    other = tmp_path / "other"
+    with pytest.raises(KeyboardInterrupt):
+        steps.encode(_config(toy, other, *extra))
+    kill, batches[:] = False, []
+    steps.encode(_config(toy, other, *extra[:1], "encoders.text_batch_size=8"))
+    assert sum(batches) == 60 + 30
