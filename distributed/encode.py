@@ -1,25 +1,31 @@
 """Image encoding with Ray Data (`ray.data_encode=true`): decoding spreads over the cluster's CPUs, the frozen
 encoder runs in an actor pool (one actor per GPU, or `ray.encode_actors` CPU actors), and the features land
-in the same cache as the in-process path. Texts are encoded by the driver (they are cheap next to images).
+in the same cache as the in-process path, kept in parts as they finish so a killed encode continues. Texts are
+encoded by the driver (they are cheap next to images).
 
 Runs before any Tune or Train work: Ray Data needs free CPUs, and trials that hold them starve it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
+from safetensors.torch import load_file
 
 from repblend.distributed.cluster import ensure_ray, require_resources
 from repblend.distributed.faults import die_once, forwarded
 from repblend.pipeline import steps
 from repblend.pipeline.config import Config
+from repblend.stages import encode as encode_stage
 from repblend.stages.errors import DataError
 from repblend.stages.ingest import CaptionTable, load_image
+from repblend.stages.io import tensors_metadata, write_tensors
 
 log = logging.getLogger("repblend")
 
@@ -60,10 +66,57 @@ class _ImageEncoderActor:
         return {"index": batch["index"], "features": features, "error": batch["error"]}
 
 
+class _Parts:
+    """The Ray Data encode's finished features, kept as parts of `CHUNK_IMAGES` consecutive images (`ray-images-*`,
+    apart from the in-process encode's parts: other batches) as soon as all of a part's images have arrived, in
+    whatever order Ray Data delivers them; a rerun reads back the parts made the same way and encodes the rest."""
+
+    def __init__(self, keep: Path | None, n: int, made_by: dict[str, str]) -> None:
+        self.keep, self.n, self.made_by = keep, n, made_by
+        self.chunk = encode_stage.CHUNK_IMAGES
+        self.starts = list(range(0, n, self.chunk))
+        self.missing = {start: min(self.chunk, n - start) for start in self.starts}
+
+    def _path(self, start: int) -> Path:
+        return self.keep / f"ray-images-{start:09d}.safetensors"
+
+    def done(self, i: int) -> bool:
+        return self.missing[i - i % self.chunk] == 0
+
+    def read_back(self) -> tuple[np.ndarray | None, list[str]]:
+        features, errors = None, [""] * self.n
+        for start in self.starts if self.keep is not None else ():
+            path = self._path(start)
+            if not path.is_file():
+                continue
+            meta = tensors_metadata(path)
+            if {k: meta.get(k) for k in self.made_by} != self.made_by or meta.get("images") != str(
+                    self.missing[start]):
+                continue
+            part = load_file(str(path))["features"].numpy()
+            if features is None:
+                features = np.zeros((self.n, part.shape[1]), dtype=np.float32)
+            features[start:start + len(part)] = part
+            for i, error in json.loads(meta["errors"]):
+                errors[start + i] = error
+            self.missing[start] = 0
+        return features, errors
+
+    def arrived(self, indices: np.ndarray, features: np.ndarray, errors: list[str]) -> None:
+        for i in indices:
+            start = int(i) - int(i) % self.chunk
+            self.missing[start] -= 1
+            if self.missing[start] == 0 and self.keep is not None:
+                end = min(start + self.chunk, self.n)
+                bad = [[j - start, errors[j]] for j in range(start, end) if errors[j]]
+                write_tensors(self._path(start), {"features": torch.from_numpy(features[start:end])},
+                              metadata={**self.made_by, "images": str(end - start), "errors": json.dumps(bad)})
+
+
 def image_encoder_with_ray_data(config: Config):
     """An `encode_images_with` callable for `steps.encode` (Ray starts only when a split needs encoding)."""
 
-    def encode(table: CaptionTable, split: str) -> tuple[torch.Tensor, list[int]]:
+    def encode(table: CaptionTable, split: str, keep: Path | None = None) -> tuple[torch.Tensor, list[int]]:
         ensure_ray(config.ray)
         preprocess = steps.build_image_encoder(config, torch.device("cpu")).preprocess
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -73,25 +126,28 @@ def image_encoder_with_ray_data(config: Config):
         require_resources(config.ray, {"CPU": actors + 1, **({"GPU": actors} if gpus else {})},
                           f"Ray Data encoding with {actors} encoder actor{'s' * (actors > 1)} (one CPU"
                           f"{' and one GPU' if gpus else ''} each, and a CPU to decode)", "ray.encode_actors")
-        items = [{"index": i, "path": r.path} for i, r in enumerate(table.records)]
-        batch_size = config.encoders.image_batch_size
-        ds = ray.data.from_items(items)
-        # a decode task whose worker dies is rerun (R3); the actor pool restarts dead actors on its own
-        retry = {"max_retries": config.ray.max_retries}
-        if forwarded(FAULT_ENV):
-            retry["runtime_env"] = forwarded(FAULT_ENV)
-        ds = ds.map_batches(_decode, fn_kwargs={"transform": preprocess.transform(), "size": preprocess.image_size},
-                            batch_size=batch_size, **retry)
-        ds = ds.map_batches(_ImageEncoderActor, fn_constructor_kwargs={"config": config}, batch_size=batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0)
-        features = np.zeros((len(items), 0), dtype=np.float32)
-        errors = [""] * len(items)
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            if features.shape[1] == 0:
-                features = np.zeros((len(items), batch["features"].shape[1]), dtype=np.float32)
-            features[batch["index"]] = batch["features"]
-            for i, error in zip(batch["index"], batch["error"]):
-                errors[int(i)] = str(error)
+        n = len(table.records)
+        parts = _Parts(keep, n, {"via": "ray data", "device": "cuda" if gpus else "cpu"})
+        features, errors = parts.read_back()
+        items = [{"index": i, "path": r.path} for i, r in enumerate(table.records) if not parts.done(i)]
+        if items:
+            batch_size = config.encoders.image_batch_size
+            ds = ray.data.from_items(items)
+            # a decode task whose worker dies is rerun (R3); the actor pool restarts dead actors on its own
+            retry = {"max_retries": config.ray.max_retries}
+            if forwarded(FAULT_ENV):
+                retry["runtime_env"] = forwarded(FAULT_ENV)
+            ds = ds.map_batches(_decode, fn_kwargs={"transform": preprocess.transform(),
+                                                    "size": preprocess.image_size}, batch_size=batch_size, **retry)
+            ds = ds.map_batches(_ImageEncoderActor, fn_constructor_kwargs={"config": config}, batch_size=batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0)
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                if features is None:
+                    features = np.zeros((n, batch["features"].shape[1]), dtype=np.float32)
+                features[batch["index"]] = batch["features"]
+                for i, error in zip(batch["index"], batch["error"]):
+                    errors[int(i)] = str(error)
+                parts.arrived(batch["index"], features, errors)
         bad = [(i, e) for i, e in enumerate(errors) if e]
         if bad and config.data.on_error == "stop":
             raise DataError(bad[0][1])
@@ -99,8 +155,9 @@ def image_encoder_with_ray_data(config: Config):
             warnings.warn(f"skipping image: {error}", stacklevel=2)
         kept = [i for i, e in enumerate(errors) if not e]
         if not kept:
-            raise DataError(f"no image could be decoded ({len(items)} tried)")
-        log.info("encode %s: %d images through Ray Data (%d encoder actor(s))", split, len(kept), actors)
+            raise DataError(f"no image could be decoded ({n} tried)")
+        log.info("encode %s: %d images through Ray Data (%d encoder actor(s)), %d of them read back from a killed "
+                 "encode's parts", split, len(kept), actors, n - len(items))
         return torch.from_numpy(features[kept]), kept
 
     return encode

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from repblend.pipeline.config import Config, flat_keys, to_dict, to_yaml
-from repblend.stages.encode import EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split
+from repblend.stages.encode import (EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split,
+                                   parts_dir)
 from repblend.stages.errors import CacheError, ConfigError, DataError, RepblendError
 from repblend.stages.ingest import CaptionTable, read_flickr8k, read_karpathy
 from repblend.stages.progress import progress_bar
@@ -115,11 +116,12 @@ def build_image_encoder(config: Config, device: torch.device):
 
 
 def encode(config: Config, splits: list[str] | None = None,
-           encode_images_with: Callable[[CaptionTable, str], tuple[torch.Tensor, list[int]]] | None = None
+           encode_images_with: Callable[[CaptionTable, str, Path], tuple[torch.Tensor, list[int]]] | None = None
            ) -> dict[str, FeatureCache]:
     """Feature caches for the train and eval splits; splits whose cache exists are skipped.
 
-    `encode_images_with(split_table, split)` replaces the in-process image encoding (Ray Data does it there)."""
+    `encode_images_with(split_table, split, parts)` replaces the in-process image encoding (Ray Data does it there),
+    keeping what it finishes under the folder `parts` so a killed encode can continue."""
     device = resolve_device(config.run.device)
     table = load_table(config)
     identity = encoder_identity(config)
@@ -141,7 +143,8 @@ def encode(config: Config, splits: list[str] | None = None,
         text_encoder = build_text_encoder(config, device)
         for split, part, cache, fingerprint in todo:
             start = time.perf_counter()
-            image_features = encode_images_with(part, split) if encode_images_with else None
+            keep = parts_dir(cache, identity, fingerprint)
+            image_features = encode_images_with(part, split, keep) if encode_images_with else None
             encode_split(part, split, cache, identity, image_encoder, text_encoder, fingerprint=fingerprint,
                          image_batch_size=enc.image_batch_size, text_batch_size=enc.text_batch_size,
                          num_workers=enc.num_workers, device=device, on_error=config.data.on_error,

@@ -206,6 +206,12 @@ def _encode_part(encoder: ImageEncoder, paths: list[str], batch_size: int, num_w
     return torch.cat(features), kept
 
 
+def parts_dir(cache: FeatureCache, identity: EncoderIdentity, fingerprint: str) -> Path:
+    """Where a split's encode keeps its finished parts (images, captions) until the cache is written: named by the
+    encoders and inputs, since an explicit cache.dir keeps one stem for any of them."""
+    return cache.tensors_path.with_name(f"{cache.tensors_path.stem}.parts-{identity.key(fingerprint)}")
+
+
 def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity: EncoderIdentity,
                  image_encoder: ImageEncoder | None, text_encoder: TextEncoder, *, fingerprint: str | None = None,
                  image_batch_size: int = 64,
@@ -220,9 +226,7 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
     start = time.perf_counter()
     records = table.records
     fingerprint = fingerprint or table.fingerprint()
-    # a killed encode's finished images and captions, named by what made them (an explicit cache.dir keeps one stem
-    # for any encoder), gone once the cache is written
-    parts = cache.tensors_path.with_name(f"{cache.tensors_path.stem}.parts-{identity.key(fingerprint)}")
+    parts = parts_dir(cache, identity, fingerprint)
     if image_features is None:
         image_features = encode_images(image_encoder, [r.path for r in records], batch_size=image_batch_size,
                                        num_workers=num_workers, device=device, on_error=on_error,

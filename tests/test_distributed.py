@@ -234,6 +234,46 @@ def test_ray_data_encode_survives_a_dead_decode_worker(ray_session, toy, tmp_pat
     assert b.image_ids == a.image_ids
 
 
+def test_a_killed_ray_data_encode_continues_from_its_kept_parts(ray_session, tmp_path, monkeypatch, caplog):
+    """Ray Data delivers features in any order; each part of consecutive images is kept once all of it has arrived.
+    Killed after its first part, a rerun sends only the other images through Ray Data, and gives the local features;
+    a broken image's error is kept with its part, so a rerun that skips broken images still names it."""
+    from repblend.distributed import encode as ray_encode
+    from repblend.distributed.encode import image_encoder_with_ray_data
+    from repblend.stages import encode as encode_stage
+
+    toy = make_toy_dataset(tmp_path / "toy", n_train=12, n_dev=4, size=32)
+    victims = sorted((toy / "images").iterdir())[1:12:4]  # a broken train image in each part of 4 (whichever is kept)
+    for victim in victims:
+        victim.write_bytes(b"not a jpeg")
+    local = steps.encode(load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'local'}", *TINY,
+                                            "data.on_error=skip"]))
+    monkeypatch.setattr(encode_stage, "CHUNK_IMAGES", 4)
+    config = load_config(None, [f"data.root={toy}", f"cache.dir={tmp_path / 'ray'}", *TINY, "ray.data_encode=true",
+                                "encoders.image_batch_size=2", "data.on_error=skip"])
+    real, written = ray_encode.write_tensors, []
+
+    def write(path, *args, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ray_encode, "write_tensors", write)
+    with pytest.raises(KeyboardInterrupt):
+        steps.encode(config, encode_images_with=image_encoder_with_ray_data(config))
+    assert [p.name for p in (tmp_path / "ray").glob("*.parts-*/ray-images-*")] == written
+    monkeypatch.setattr(ray_encode, "write_tensors", real)
+    with caplog.at_level(logging.INFO, logger="repblend"), pytest.warns(UserWarning) as warned:
+        remote = steps.encode(config, encode_images_with=image_encoder_with_ray_data(config))
+    assert "encode train: 9 images through Ray Data (1 encoder actor(s)), 4 of them read back" in caplog.text
+    assert all(any(v.name in str(w.message) for w in warned) for v in victims)
+    a, b = local["train"].load(), remote["train"].load()
+    torch.testing.assert_close(b.image_features, a.image_features, rtol=1e-3, atol=1e-3)
+    assert b.image_ids == a.image_ids and len(b.image_ids) == 9
+    assert not list((tmp_path / "ray").glob("*.parts-*"))
+
+
 def test_ray_data_encode_names_a_broken_image(ray_session, tmp_path):
     from repblend.distributed.encode import image_encoder_with_ray_data
     from repblend.stages.errors import DataError
