@@ -263,5 +263,8 @@ def encode_split(table: CaptionTable, split: str, cache: FeatureCache, identity:
         "captions": captions,
     }
     write_json(cache.manifest_path, manifest)
-    shutil.rmtree(parts, ignore_errors=True)
+    # with the parts of killed encodes under other encoders or inputs into this same file (an explicit cache.dir),
+    # which nothing would read again
+    for done in parts.parent.glob(f"{cache.tensors_path.stem}.parts-*"):
+        shutil.rmtree(done, ignore_errors=True)
     return cache

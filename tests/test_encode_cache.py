@@ -129,7 +129,8 @@ def test_file_digest_is_the_content_hash_and_follows_rewrites(tmp_path):
 def test_a_killed_encode_continues_from_its_kept_parts_to_the_same_cache(toy, tmp_path, monkeypatch):
     """Images are encoded in parts of whole batches, each kept as it finishes; killed in its second part, an encode
     rerun decodes only the images after the first part and writes the cache a straight run writes, bit for bit. The
-    parts go once the cache is whole; parts from another device, batch size or encoder are encoded again."""
+    parts go once the cache is whole; parts from another device, batch size or encoder are encoded again, and go
+    too when that cache file is written."""
     from safetensors.torch import load_file
 
     from repblend.stages import encode as encode_module
@@ -171,6 +172,7 @@ def test_a_killed_encode_continues_from_its_kept_parts_to_the_same_cache(toy, tm
         kill, encoded[:] = False, []
         steps.encode(_config(toy, other, *extra, *changed))
         assert sum(encoded) == 12 + 6, changed
+        assert not list((other / "cache").glob("*.parts-*")), changed  # nor kept: that cache file is written anew
 
 
 def test_a_killed_caption_encode_continues_from_its_kept_parts_to_the_same_cache(toy, tmp_path, monkeypatch):
