@@ -226,6 +226,10 @@ class DistillConfig:
     rewind_every: int = 10
     rewind_backoff: float = 0.5
     rewind_max: int = 4
+    # cap each outer-gradient group's norm (images, texts, learned lrs, similarities) at this multiple of its running
+    # mean (0 = none; the references have none): the gradient through the unrolled student can jump 50-100x in one
+    # iteration where a learned lr nears the student's stability edge, and that one update ends the run
+    grad_clip: float = 0.0
     sim_type: str = "lowrank"  # lowrank | full
     sim_rank: int = 10
     sim_alpha: float = 3.0
@@ -275,6 +279,9 @@ class DistillConfig:
                 raise ConfigError(f"distill.{key}={ceiling} must be above distill.lr_floor={self.lr_floor} "
                                   "(or 0 for no ceiling)")
         _positive("distill.rewind_loss", self.rewind_loss, allow_zero=True)
+        if self.grad_clip and self.grad_clip <= 1:
+            raise ConfigError(f"distill.grad_clip={self.grad_clip} must be above 1 (a multiple of the gradient's "
+                              "running mean norm; 1 or less clips every ordinary step) or 0 for none")
         _positive("distill.rewind_max", self.rewind_max, allow_zero=True)
         if not 0 < self.rewind_backoff <= 1:
             raise ConfigError(f"distill.rewind_backoff={self.rewind_backoff} must be in (0, 1]: each rewind scales "

@@ -188,6 +188,11 @@ def write_report(run_dir: Path, initial_pixels=None, denormalize=None) -> Path:
             lines += [f"Spike guard (distill.rewind_loss): {len(guarded) - len(rewound)} updates skipped, "
                       f"{len(rewound)} rewinds" + (f" at iterations {', '.join(rewound)}" if rewound else "") + ".",
                       ""]
+        clipped = [r["iteration"] for r in rows if r.get("clipped")]
+        if clipped:
+            shown = ", ".join(map(str, clipped[:10])) + (", ..." if len(clipped) > 10 else "")
+            lines += [f"Outer-gradient clipping (distill.grad_clip): {len(clipped)} of {len(rows)} iterations clipped "
+                      f"(at {shown}).", ""]
     refined = _metrics(run_dir, "refine")
     if refined:
         first, last = refined[0], refined[-1]

@@ -554,7 +554,7 @@ def build_distiller(config: Config, run_dir: Path, caches: dict[str, FeatureCach
                                encode_chunk=dc.encode_chunk, student=student_form(dc, device))
     outer = OuterSettings(lr_img=dc.lr_img, lr_txt=dc.lr_txt, lr_lr=dc.lr_lr, lr_sim=dc.lr_sim, momentum=dc.momentum,
                           optimizer=dc.optimizer, lr_floor=dc.lr_floor,
-                          syn_lr_max=(dc.syn_lr_img_max, dc.syn_lr_txt_max),
+                          syn_lr_max=(dc.syn_lr_img_max, dc.syn_lr_txt_max), grad_clip=dc.grad_clip,
                           image_range=encoder_range(train) if dc.clamp_features else None)
     rewind = RewindSettings(loss=dc.rewind_loss, patience=dc.rewind_patience, every=dc.rewind_every,
                             backoff=dc.rewind_backoff, max_rewinds=dc.rewind_max)

@@ -42,6 +42,10 @@ class OuterSettings:
     syn_lr_max: tuple[float, float] = (0.0, 0.0)
     # feature space: clamp the synthetic image features into [low, high] after each update (None = free)
     image_range: tuple[float, float] | None = None
+    # cap each parameter group's outer-gradient norm at this multiple of its running mean (0 = none). Why: the
+    # gradient back through the unrolled student explodes where a learned lr nears the student's stability edge
+    # (measured: 50-100x in one iteration at an ordinary loss), and that one update sends the set off for good
+    grad_clip: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class StepLog:
     expert: int
     start_epoch: int
     guard: str = ""  # the spike guard's action this iteration: "", "skipped" or "rewound to <iteration>"
+    clipped: int = 0  # parameter groups whose outer gradient distill.grad_clip scaled down this iteration
 
 
 @dataclass
@@ -121,6 +126,7 @@ class Distiller:
             self.optimizer = torch.optim.SGD(groups, lr=self.outer.lr_img, momentum=self.outer.momentum)
         self._base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self._clamp_lrs()
+        self._grad_mean: torch.Tensor | None = None  # per group: the running mean of clipped gradient norms
         # the spike guard's state (all of it checkpointed, so a resumed run rewinds as an uninterrupted one would)
         self.spikes = 0  # consecutive spikes up to now
         self.clean = 0  # iterations since the last spike
@@ -217,28 +223,49 @@ class Distiller:
                 p.grad = g
         # every rank sees the same averaged losses, so every rank takes the same action
         action = self._guard(stats) if self.rewind.enabled else ""
+        clipped = torch.zeros(1, device=stats.device)
         if not action:
-            self._update()
+            clipped = self._update().reshape(1).to(stats.device)
         self.iteration += 1
         if self.rewind.enabled and not action:
             self.clean += 1
             if self.clean % self.rewind.every == 0:
                 self._point = self._healthy_point()
         # the iteration's only host synchronisation (the guard adds one): every logged number in one transfer
-        loss, loss_img, loss_txt, lr_img, lr_txt = torch.cat(
-            [stats, self.syn.syn_lr_img.detach().reshape(1), self.syn.syn_lr_txt.detach().reshape(1)]).tolist()
+        loss, loss_img, loss_txt, lr_img, lr_txt, clipped = torch.cat(
+            [stats, self.syn.syn_lr_img.detach().reshape(1), self.syn.syn_lr_txt.detach().reshape(1),
+             clipped.to(stats.dtype)]).tolist()
         log = StepLog(self.iteration, loss, loss_img, loss_txt, lr_img, lr_txt, time.perf_counter() - start_time,
-                      sample.expert, sample.start_epoch, action)
+                      sample.expert, sample.start_epoch, action, int(clipped))
         if not action:
             self._check(log)  # before any checkpoint of this state is written
         return log
 
-    def _update(self) -> None:
+    def _update(self) -> torch.Tensor:
+        """The outer step; returns how many groups' gradients were clipped (a device scalar)."""
+        clipped = self._clip_gradients() if self.outer.grad_clip else torch.zeros((), device=self.device)
         self.optimizer.step()
         self._clamp_lrs()
         if self.outer.image_range is not None:
             with torch.no_grad():
                 self.syn.images.clamp_(*self.outer.image_range)
+        return clipped
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Scale down a group's gradient whose norm exceeds grad_clip x the running mean of its (clipped) norms; the
+        mean starts at a group's first non-zero norm and follows with weight 0.1. On the device, no host sync."""
+        groups = [[p.grad for p in group["params"] if p.grad is not None] for group in self.optimizer.param_groups]
+        zero = torch.zeros((), device=self.device)
+        norms = torch.stack([torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in
+                                                                   grads])) if grads else zero for grads in groups])
+        mean = norms if self._grad_mean is None else torch.where(self._grad_mean > 0, self._grad_mean, norms)
+        cap = self.outer.grad_clip * mean
+        scale = torch.where(torch.isfinite(norms) & (norms > cap), cap / norms, torch.ones_like(norms))
+        for grads, factor in zip(groups, scale):
+            for g in grads:
+                g.mul_(factor.to(g.dtype))
+        self._grad_mean = 0.9 * mean + 0.1 * torch.where(torch.isfinite(norms), torch.minimum(norms, cap), mean)
+        return (scale < 1).sum()
 
     def _clamp_lrs(self) -> None:
         """Keep the learned student lrs inside [lr_floor, syn_lr_max] (each bound where it is set)."""
@@ -312,6 +339,8 @@ class Distiller:
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.bit_generator.state,
         }
+        if self._grad_mean is not None:
+            state["grad_mean"] = self._grad_mean
         if self.rewind.enabled:
             state["guard"] = {"spikes": self.spikes, "clean": self.clean, "rewinds": self.rewinds,
                               "point": self._point}
@@ -327,6 +356,7 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self.iteration = state["iteration"]
+        self._grad_mean = state.get("grad_mean")
         if self.rewind.enabled and "guard" in state:
             guard = state["guard"]
             self.spikes, self.clean, self.rewinds = guard["spikes"], guard["clean"], guard["rewinds"]

@@ -74,6 +74,8 @@ def test_override_beats_file(tmp_path):
         (["distill.rewind_loss=-1"], "distill.rewind_loss=-1.0 must be >= 0"),
         (["distill.rewind_patience=0"], "distill.rewind_patience=0 must be > 0"),
         (["distill.syn_lr_img_max=-0.1"], "distill.syn_lr_img_max=-0.1 must be >= 0"),
+        (["distill.grad_clip=1"], "distill.grad_clip=1.0 must be above 1"),
+        (["distill.grad_clip=-2"], "distill.grad_clip=-2.0 must be above 1"),
         (["distill.syn_lr_txt_max=0.001"], "distill.syn_lr_txt_max=0.001 must be above distill.lr_floor=0.001"),
         (["justakey"], "'justakey' is not of the form key=value"),
         (["eval.methods=random"], "bad value for 'eval.methods': a list is expected, such as [a,b] or []"),

@@ -398,3 +398,50 @@ def test_a_resumed_guarded_run_rewinds_as_an_uninterrupted_one(tmp_path):
     resumed.run(16)
     _assert_same(_state(resumed), _state(straight))
     assert resumed.lr_scale == straight.lr_scale == 0.25
+
+
+# outer-gradient clipping (distill.grad_clip) -----------------------------------------------------------------
+
+def _with_gradients(distiller: Distiller, norms: list[float]) -> None:
+    """Each group's gradient set to a fixed direction with the given norm (images, texts, lrs, similarity)."""
+    for group, norm in zip(distiller.optimizer.param_groups, norms):
+        flat = torch.cat([torch.ones(p.numel()) for p in group["params"]])
+        for p, piece in zip(group["params"], flat.split([q.numel() for q in group["params"]])):
+            p.grad = (piece * norm / flat.norm()).reshape(p.shape).to(p.dtype)
+
+
+def _grad_norms(distiller: Distiller) -> list[float]:
+    return [float(torch.cat([p.grad.reshape(-1) for p in g["params"]]).norm()) for g in
+            distiller.optimizer.param_groups]
+
+
+def test_grad_clip_caps_each_group_at_a_multiple_of_its_running_mean():
+    distiller = _tiny_distiller(grad_clip=4.0)
+    _with_gradients(distiller, [1.0, 2.0, 0.0, 3.0])  # the first update: each group's own norm starts its mean
+    distiller._clip_gradients()
+    assert _grad_norms(distiller) == pytest.approx([1.0, 2.0, 0.0, 3.0])
+    torch.testing.assert_close(distiller._grad_mean, torch.tensor([1.0, 2.0, 0.0, 3.0]))
+    # a 100x jump in the images' gradient is cut to 4x their mean; texts under the cap pass; the lrs' group, whose
+    # first gradient was zero, starts its mean now instead of being clipped to nothing; the similarity goes non-finite
+    _with_gradients(distiller, [100.0, 7.0, 5.0, float("inf")])
+    distiller._clip_gradients()
+    assert _grad_norms(distiller)[:3] == pytest.approx([4.0, 7.0, 5.0])
+    # the mean follows the clipped norms with weight 0.1 (a non-finite norm leaves it as it was)
+    torch.testing.assert_close(distiller._grad_mean, torch.tensor([0.9 * 1 + 0.1 * 4, 0.9 * 2 + 0.1 * 7, 5.0, 3.0]))
+
+
+def test_grad_clip_keeps_a_run_that_never_exceeds_it_as_it_was_and_resumes_exactly(tmp_path):
+    plain, loose = _tiny_distiller(), _tiny_distiller(grad_clip=1e9)
+    plain.run(6)
+    loose.run(6)
+    _assert_same(_state(loose), _state(plain))
+    straight, logs = _tiny_distiller(grad_clip=1.5), []
+    straight.run(8, on_step=logs.append)
+    assert not torch.equal(_state(straight)["texts"], _state(plain)["texts"])  # it clipped here
+    assert logs[0].clipped == 0 and sum(log.clipped for log in logs) > 0  # the log counts the groups clipped
+    ckpt = tmp_path / "ckpt.pt"
+    _tiny_distiller(grad_clip=1.5).run(5, checkpoint=ckpt, ckpt_every=5)
+    resumed = _tiny_distiller(grad_clip=1.5)
+    assert resumed.resume(ckpt)
+    resumed.run(8)
+    _assert_same(_state(resumed), _state(straight))  # the running means came back with the checkpoint

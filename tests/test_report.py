@@ -53,18 +53,21 @@ def test_report_of_a_missing_run_names_it(tmp_path, capsys):
     assert not (tmp_path / "runs" / "report").exists()
 
 
-def test_report_counts_the_spike_guards_actions(tmp_path):
+def test_report_counts_the_spike_guards_actions_and_the_clipped_iterations(tmp_path):
     import json
 
     from repblend.pipeline.report import write_report
 
     guards = ["", "skipped", "skipped", "rewound to 0", "", "skipped"]
+    clipped = [0, 0, 0, 0, 2, 0]
     rows = [{"iteration": i + 1, "loss": 1.0, "loss_img": 0.5, "loss_txt": 0.5, "syn_lr_img": 0.1, "syn_lr_txt": 0.1,
-             "seconds": 0.1, "expert": 0, "start_epoch": 0, "guard": g} for i, g in enumerate(guards)]
+             "seconds": 0.1, "expert": 0, "start_epoch": 0, "guard": g, "clipped": c}
+            for i, (g, c) in enumerate(zip(guards, clipped))]
     (tmp_path / "distill").mkdir()
     (tmp_path / "distill" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = write_report(tmp_path).read_text()
     assert "Spike guard (distill.rewind_loss): 3 updates skipped, 1 rewinds at iterations 4 (rewound to 0)." in report
+    assert "Outer-gradient clipping (distill.grad_clip): 1 of 6 iterations clipped (at 5)." in report
 
 
 def _fake_run(run_dir, pairs: int, repblend: float, lr_img: float, seed: int = 0) -> None:
