@@ -75,13 +75,14 @@ class _Parts:
         self.keep, self.n, self.made_by = keep, n, made_by
         self.chunk = encode_stage.CHUNK_IMAGES
         self.starts = list(range(0, n, self.chunk))
-        self.missing = {start: min(self.chunk, n - start) for start in self.starts}
+        self.have = np.zeros(n, dtype=bool)  # by image: its features are here (a repeated row cannot count twice)
+        self.kept: set[int] = set()  # the starts of the parts read back or written
 
     def _path(self, start: int) -> Path:
         return self.keep / f"ray-images-{start:09d}.safetensors"
 
     def done(self, i: int) -> bool:
-        return self.missing[i - i % self.chunk] == 0
+        return bool(self.have[i])
 
     def read_back(self) -> tuple[np.ndarray | None, list[str]]:
         features, errors = None, [""] * self.n
@@ -90,27 +91,28 @@ class _Parts:
             if not path.is_file():
                 continue
             meta = tensors_metadata(path)
-            if {k: meta.get(k) for k in self.made_by} != self.made_by or meta.get("images") != str(
-                    self.missing[start]):
+            end = min(start + self.chunk, self.n)
+            if {k: meta.get(k) for k in self.made_by} != self.made_by or meta.get("images") != str(end - start):
                 continue
             part = load_file(str(path))["features"].numpy()
             if features is None:
                 features = np.zeros((self.n, part.shape[1]), dtype=np.float32)
-            features[start:start + len(part)] = part
+            features[start:end] = part
             for i, error in json.loads(meta["errors"]):
                 errors[start + i] = error
-            self.missing[start] = 0
+            self.have[start:end] = True
+            self.kept.add(start)
         return features, errors
 
     def arrived(self, indices: np.ndarray, features: np.ndarray, errors: list[str]) -> None:
-        for i in indices:
-            start = int(i) - int(i) % self.chunk
-            self.missing[start] -= 1
-            if self.missing[start] == 0 and self.keep is not None:
-                end = min(start + self.chunk, self.n)
+        self.have[indices] = True
+        for start in sorted({int(i) - int(i) % self.chunk for i in indices}):
+            end = min(start + self.chunk, self.n)
+            if self.keep is not None and start not in self.kept and self.have[start:end].all():
                 bad = [[j - start, errors[j]] for j in range(start, end) if errors[j]]
                 write_tensors(self._path(start), {"features": torch.from_numpy(features[start:end])},
                               metadata={**self.made_by, "images": str(end - start), "errors": json.dumps(bad)})
+                self.kept.add(start)
 
 
 def image_encoder_with_ray_data(config: Config):

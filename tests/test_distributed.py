@@ -234,6 +234,33 @@ def test_ray_data_encode_survives_a_dead_decode_worker(ray_session, toy, tmp_pat
     assert b.image_ids == a.image_ids
 
 
+def test_ray_data_parts_are_kept_once_whole_whatever_the_order_or_repeats(tmp_path, monkeypatch):
+    """No Ray needed: the bookkeeping alone. A part is written when each of its images has arrived (a row delivered
+    twice counts once), read back with its broken images' errors, and only by an encode made the same way."""
+    import numpy as np
+
+    from repblend.distributed.encode import _Parts
+    from repblend.stages import encode as encode_stage
+
+    monkeypatch.setattr(encode_stage, "CHUNK_IMAGES", 4)
+    made_by = {"via": "ray data", "device": "cpu"}
+    features = np.arange(20, dtype=np.float32).reshape(10, 2)
+    errors = [""] * 9 + ["x.jpg: cannot decode image"]
+    parts = _Parts(tmp_path, 10, made_by)
+    parts.arrived(np.array([1, 0, 1, 1]), features, errors)  # four rows, two images: the first part is not whole
+    assert not list(tmp_path.iterdir())
+    parts.arrived(np.array([8, 9, 2, 3]), features, errors)  # the first part, and the last (two images), are
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray-images-000000000.safetensors",
+                                                          "ray-images-000000008.safetensors"]
+    again = _Parts(tmp_path, 10, made_by)
+    read, read_errors = again.read_back()
+    assert [again.done(i) for i in range(10)] == [True] * 4 + [False] * 4 + [True] * 2
+    np.testing.assert_array_equal(read[[0, 1, 2, 3, 8, 9]], features[[0, 1, 2, 3, 8, 9]])
+    assert read_errors == errors
+    elsewhere = _Parts(tmp_path, 10, {**made_by, "device": "cuda"})
+    assert elsewhere.read_back()[0] is None and not any(elsewhere.done(i) for i in range(10))
+
+
 def test_a_killed_ray_data_encode_continues_from_its_kept_parts(ray_session, tmp_path, monkeypatch, caplog):
     """Ray Data delivers features in any order; each part of consecutive images is kept once all of it has arrived.
     Killed after its first part, a rerun sends only the other images through Ray Data, and gives the local features;
