@@ -216,8 +216,8 @@ def _check_buffer_identity(buffer_dir: Path, identity: dict) -> None:
     if not index_path.is_file():
         return
     recorded = json.loads(index_path.read_text()).get("identity")
-    if recorded is not None and recorded != identity:
-        keys = [key for key, _, _ in differing_keys(recorded, identity)]
+    keys = [key for key, _, _ in differing_keys(recorded, identity)] if recorded is not None else []
+    if keys:
         raise ConfigError(f"{buffer_dir} holds experts built with different {', '.join(keys)}: point buffer.dir "
                           "at another folder, or delete this one to rebuild it")
 
@@ -451,10 +451,14 @@ def claim_tune_dir(config: Config, run_dir: Path, *, record: bool = True) -> Non
 
 
 def differing_keys(recorded: dict, now: dict) -> list[tuple[str, object, object]]:
-    """(dotted key, recorded value, value now) wherever two identities differ: what a refusal names."""
+    """(dotted key, recorded value, value now) wherever two identities differ: what a refusal names. A config key the
+    record lacks is no difference while it holds its default: a setting repblend gained after the record was written,
+    whose default is the behaviour the record was made with (so a run directory outlives an upgrade)."""
     before, after = flat_keys(recorded), flat_keys(now)
+    defaults = flat_keys(json.loads(json.dumps(to_dict(Config()))))
     return [(key, before.get(key), after.get(key)) for key in sorted({*before, *after})
-            if before.get(key) != after.get(key)]
+            if before.get(key) != after.get(key)
+            and not (key not in before and key in defaults and after.get(key) == defaults[key])]
 
 
 def claim_distill_dir(config: Config, run_dir: Path, *, record: bool = True) -> None:

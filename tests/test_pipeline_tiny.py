@@ -510,7 +510,8 @@ def test_eval_sets_evaluates_other_sets_in_the_same_table_and_refuses_those_that
 def test_a_run_directory_continues_only_the_set_its_settings_made(toy, tmp_path):
     """distill/identity.json records what the set depends on. A longer run, other checkpoints or another student form
     continue it; another N, blend, seed or expert setting is refused before any work, naming the keys. A run
-    directory from before that record is checked against its saved set's own config."""
+    directory from before that record is checked against its saved set's own config, and one from before a setting
+    existed continues while that setting holds its default."""
     common = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", "distill.space=feature", *STABLE_LRS, *TINY]
     config = load_config(None, common)
     caches = steps.encode(config)
@@ -540,3 +541,11 @@ def test_a_run_directory_continues_only_the_set_its_settings_made(toy, tmp_path)
     assert not (run_dir / "distill" / "identity.json").exists()
     steps.claim_distill_dir(load_config(None, [*common, "distill.iterations=6"]), run_dir)
     assert json.loads((run_dir / "distill" / "identity.json").read_text()) == recorded
+
+    # a record written before repblend had a setting (here distill.grad_clip) continues under its default, the
+    # behaviour the record was made with; another value is still refused
+    older = {**recorded, "distill": {k: v for k, v in recorded["distill"].items() if k != "grad_clip"}}
+    (run_dir / "distill" / "identity.json").write_text(json.dumps(older))
+    steps.claim_distill_dir(load_config(None, common), run_dir, record=False)
+    with pytest.raises(ConfigError, match=r"distill.grad_clip None there, 5.0 here"):
+        steps.claim_distill_dir(load_config(None, [*common, "distill.grad_clip=5"]), run_dir, record=False)
