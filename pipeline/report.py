@@ -53,6 +53,10 @@ def plot_curves(rows: list[dict], out: Path) -> list[str]:
         values = [r[key] for r in rows]
         loss_ax.plot(its, values, color=color, lw=0.5, alpha=0.25)
         loss_ax.plot(its, _running_mean(values, window), color=color, lw=1.5, label=f"{label} (mean of {window})")
+    # where the loop stepped in: an outer gradient clipped (distill.grad_clip), an update skipped or rewound (guard)
+    for key, label, color in (("clipped", "gradient clipped", "C3"), ("guard", "spike guard", "C4")):
+        for k, at in enumerate(r["iteration"] for r in rows if r.get(key)):
+            loss_ax.axvline(at, color=color, lw=0.7, ls=":", label=None if k else label)
     loss_ax.set(xlabel="iteration", ylabel="matching loss", yscale="log", title="trajectory matching")
     loss_ax.legend()
     lr_ax.plot(its, [r["syn_lr_img"] for r in rows], label="image head")
