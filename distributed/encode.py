@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from safetensors.torch import load_file
 
 from repblend.distributed.cluster import ensure_ray, require_resources
 from repblend.distributed.faults import die_once, forwarded
@@ -25,7 +24,7 @@ from repblend.pipeline.config import Config
 from repblend.stages import encode as encode_stage
 from repblend.stages.errors import DataError
 from repblend.stages.ingest import CaptionTable, load_image
-from repblend.stages.io import tensors_metadata, write_tensors
+from repblend.stages.io import read_part, write_tensors
 
 log = logging.getLogger("repblend")
 
@@ -87,14 +86,11 @@ class _Parts:
     def read_back(self) -> tuple[np.ndarray | None, list[str]]:
         features, errors = None, [""] * self.n
         for start in self.starts if self.keep is not None else ():
-            path = self._path(start)
-            if not path.is_file():
-                continue
-            meta = tensors_metadata(path)
             end = min(start + self.chunk, self.n)
-            if {k: meta.get(k) for k in self.made_by} != self.made_by or meta.get("images") != str(end - start):
+            done = read_part(self._path(start), {**self.made_by, "images": str(end - start)})
+            if done is None:
                 continue
-            part = load_file(str(path))["features"].numpy()
+            part, meta = done[0]["features"].numpy(), done[1]
             if features is None:
                 features = np.zeros((self.n, part.shape[1]), dtype=np.float32)
             features[start:end] = part

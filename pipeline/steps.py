@@ -7,6 +7,7 @@ maps config keys onto stage arguments, so the CLI and the Ray glue share one tra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -450,12 +451,17 @@ def claim_tune_dir(config: Config, run_dir: Path, *, record: bool = True) -> Non
     claim_dir(run_dir / "tune_identity.json", tune_identity(config), "a search", record=record)
 
 
+@functools.cache
+def _config_defaults() -> dict:
+    """Every config key's default, dotted, as an identity records it (JSON: lists, not tuples)."""
+    return flat_keys(json.loads(json.dumps(to_dict(Config()))))
+
+
 def differing_keys(recorded: dict, now: dict) -> list[tuple[str, object, object]]:
     """(dotted key, recorded value, value now) wherever two identities differ: what a refusal names. A config key the
     record lacks is no difference while it holds its default: a setting repblend gained after the record was written,
     whose default is the behaviour the record was made with (so a run directory outlives an upgrade)."""
-    before, after = flat_keys(recorded), flat_keys(now)
-    defaults = flat_keys(json.loads(json.dumps(to_dict(Config()))))
+    before, after, defaults = flat_keys(recorded), flat_keys(now), _config_defaults()
     return [(key, before.get(key), after.get(key)) for key in sorted({*before, *after})
             if before.get(key) != after.get(key)
             and not (key not in before and key in defaults and after.get(key) == defaults[key])]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import get_total_norm
 
 from repblend.stages.buffer import Trajectory
 from repblend.stages.distill import (DistillSettings, MatchResult, StudentBatch, SyntheticSet, match_tesla,
@@ -223,27 +224,26 @@ class Distiller:
                 p.grad = g
         # every rank sees the same averaged losses, so every rank takes the same action
         action = self._guard(stats) if self.rewind.enabled else ""
-        clipped = torch.zeros(1, device=stats.device)
-        if not action:
-            clipped = self._update().reshape(1).to(stats.device)
+        clipped = None if action else self._update()
         self.iteration += 1
         if self.rewind.enabled and not action:
             self.clean += 1
             if self.clean % self.rewind.every == 0:
                 self._point = self._healthy_point()
         # the iteration's only host synchronisation (the guard adds one): every logged number in one transfer
-        loss, loss_img, loss_txt, lr_img, lr_txt, clipped = torch.cat(
-            [stats, self.syn.syn_lr_img.detach().reshape(1), self.syn.syn_lr_txt.detach().reshape(1),
-             clipped.to(stats.dtype)]).tolist()
+        numbers = [stats, self.syn.syn_lr_img.detach().reshape(1), self.syn.syn_lr_txt.detach().reshape(1)]
+        if clipped is not None:
+            numbers.append(clipped.reshape(1).to(stats))
+        loss, loss_img, loss_txt, lr_img, lr_txt, *clips = torch.cat(numbers).tolist()
         log = StepLog(self.iteration, loss, loss_img, loss_txt, lr_img, lr_txt, time.perf_counter() - start_time,
-                      sample.expert, sample.start_epoch, action, int(clipped))
+                      sample.expert, sample.start_epoch, action, int(clips[0]) if clips else 0)
         if not action:
             self._check(log)  # before any checkpoint of this state is written
         return log
 
-    def _update(self) -> torch.Tensor:
-        """The outer step; returns how many groups' gradients were clipped (a device scalar)."""
-        clipped = self._clip_gradients() if self.outer.grad_clip else torch.zeros((), device=self.device)
+    def _update(self) -> torch.Tensor | None:
+        """The outer step; with distill.grad_clip, returns how many groups' gradients it clipped (a device scalar)."""
+        clipped = self._clip_gradients() if self.outer.grad_clip else None
         self.optimizer.step()
         self._clamp_lrs()
         if self.outer.image_range is not None:
@@ -256,8 +256,7 @@ class Distiller:
         mean starts at a group's first non-zero norm and follows with weight 0.1. On the device, no host sync."""
         groups = [[p.grad for p in group["params"] if p.grad is not None] for group in self.optimizer.param_groups]
         zero = torch.zeros((), device=self.device)
-        norms = torch.stack([torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in
-                                                                   grads])) if grads else zero for grads in groups])
+        norms = torch.stack([get_total_norm(grads).float() if grads else zero for grads in groups])
         mean = norms if self._grad_mean is None else torch.where(self._grad_mean > 0, self._grad_mean, norms)
         cap = self.outer.grad_clip * mean
         scale = torch.where(torch.isfinite(norms) & (norms > cap), cap / norms, torch.ones_like(norms))

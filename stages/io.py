@@ -90,15 +90,27 @@ def tensors_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def read_part(path: Path, made_by: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """A kept part's tensors and metadata, if `path` holds one whose metadata says it was made as `made_by` says
+    (more keys may ride along, e.g. the errors met); None if there is none or it was made otherwise."""
+    if not path.is_file():
+        return None
+    metadata = tensors_metadata(path)
+    if any(metadata.get(key) != value for key, value in made_by.items()):
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path)), metadata
+
+
 def kept_part(path: Path | None, made_by: dict[str, str],
               make: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
     """One part of a long computation (an encode), kept on disk as it finishes so a killed run loses only the part it
     was in: read back when `path` holds a part made the same way (`made_by`, its metadata), else made and, with a
     path, written. Returns the tensors and whether they were read back."""
-    if path is not None and path.is_file() and tensors_metadata(path) == made_by:
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), True
+    done = None if path is None else read_part(path, made_by)
+    if done is not None:
+        return done[0], True
     tensors = make()
     if path is not None:
         write_tensors(path, tensors, metadata=made_by)
