@@ -188,6 +188,10 @@ def run_tune(config: Config, run_dir: Path) -> dict:
     if not config.ray.enabled:
         raise ConfigError("repblend tune runs its trials on Ray: drop ray.enabled=false (ray.address picks the "
                           "cluster; an embedded local Ray by default)")
+    if config.tune.short_iterations > config.distill.iterations:
+        raise ConfigError(f"tune.short_iterations={config.tune.short_iterations} is longer than the full-length run "
+                          f"it shortens (distill.iterations={config.distill.iterations}): set tune.short_iterations "
+                          f"to at most {config.distill.iterations}")
     run_dir = run_dir.resolve()
     steps.claim_tune_dir(config, run_dir, record=False)
     data = config.data

@@ -227,9 +227,9 @@ class DistillConfig:
     rewind_backoff: float = 0.5
     rewind_max: int = 4
     # cap each outer-gradient group's norm (images, texts, learned lrs, similarities) at this multiple of its running
-    # mean (0 = none; the references have none): the gradient through the unrolled student can jump 50-100x in one
+    # mean (0 = none, as in the references): the gradient through the unrolled student can jump 50-100x in one
     # iteration where a learned lr nears the student's stability edge, and that one update ends the run
-    grad_clip: float = 0.0
+    grad_clip: float = 5.0
     sim_type: str = "lowrank"  # lowrank | full
     sim_rank: int = 10
     sim_alpha: float = 3.0

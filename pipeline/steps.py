@@ -451,20 +451,27 @@ def claim_tune_dir(config: Config, run_dir: Path, *, record: bool = True) -> Non
     claim_dir(run_dir / "tune_identity.json", tune_identity(config), "a search", record=record)
 
 
+# settings whose default changed after they were added: a record that lacks one was written before the setting
+# existed, so it was made with the setting's first default, not today's
+_FIRST_DEFAULTS = {"distill.grad_clip": 0.0}
+
+
 @functools.cache
-def _config_defaults() -> dict:
-    """Every config key's default, dotted, as an identity records it (JSON: lists, not tuples)."""
-    return flat_keys(json.loads(json.dumps(to_dict(Config()))))
+def _absent_means() -> dict:
+    """What a record lacking a config key was made with, dotted, as an identity records it (JSON: lists, not tuples):
+    the setting's default, or its first default where that has changed since."""
+    return {**flat_keys(json.loads(json.dumps(to_dict(Config())))), **_FIRST_DEFAULTS}
 
 
 def differing_keys(recorded: dict, now: dict) -> list[tuple[str, object, object]]:
     """(dotted key, recorded value, value now) wherever two identities differ: what a refusal names. A config key the
-    record lacks is no difference while it holds its default: a setting repblend gained after the record was written,
-    whose default is the behaviour the record was made with (so a run directory outlives an upgrade)."""
-    before, after, defaults = flat_keys(recorded), flat_keys(now), _config_defaults()
+    record lacks is a setting repblend gained after the record was written, and the record was made with that
+    setting's (first) default: no difference while the value now is that default (so a run directory outlives an
+    upgrade), and the default is what a refusal names as the recorded value."""
+    after = flat_keys(now)
+    before = {**{k: v for k, v in _absent_means().items() if k in after}, **flat_keys(recorded)}
     return [(key, before.get(key), after.get(key)) for key in sorted({*before, *after})
-            if before.get(key) != after.get(key)
-            and not (key not in before and key in defaults and after.get(key) == defaults[key])]
+            if before.get(key) != after.get(key)]
 
 
 def claim_distill_dir(config: Config, run_dir: Path, *, record: bool = True) -> None:

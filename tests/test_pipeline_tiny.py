@@ -542,10 +542,15 @@ def test_a_run_directory_continues_only_the_set_its_settings_made(toy, tmp_path)
     steps.claim_distill_dir(load_config(None, [*common, "distill.iterations=6"]), run_dir)
     assert json.loads((run_dir / "distill" / "identity.json").read_text()) == recorded
 
-    # a record written before repblend had a setting (here distill.grad_clip) continues under its default, the
-    # behaviour the record was made with; another value is still refused
-    older = {**recorded, "distill": {k: v for k, v in recorded["distill"].items() if k != "grad_clip"}}
+    # a record written before repblend had a setting continues under the default the record was made with; another
+    # value is refused, naming that default. distill.rewind_loss kept its default (0); distill.grad_clip came in
+    # with 0 and is 5 now, so such a record continues only with distill.grad_clip=0
+    older = {**recorded, "distill": {k: v for k, v in recorded["distill"].items()
+                                     if k not in ("grad_clip", "rewind_loss")}}
     (run_dir / "distill" / "identity.json").write_text(json.dumps(older))
-    steps.claim_distill_dir(load_config(None, common), run_dir, record=False)
-    with pytest.raises(ConfigError, match=r"distill.grad_clip None there, 5.0 here"):
-        steps.claim_distill_dir(load_config(None, [*common, "distill.grad_clip=5"]), run_dir, record=False)
+    steps.claim_distill_dir(load_config(None, [*common, "distill.grad_clip=0"]), run_dir, record=False)
+    with pytest.raises(ConfigError, match=r"\(distill.grad_clip 0.0 there, 5.0 here\)"):
+        steps.claim_distill_dir(load_config(None, common), run_dir, record=False)
+    with pytest.raises(ConfigError, match=r"\(distill.rewind_loss 0.0 there, 2.0 here\)"):
+        steps.claim_distill_dir(load_config(None, [*common, "distill.grad_clip=0", "distill.rewind_loss=2"]), run_dir,
+                                record=False)

@@ -12,7 +12,8 @@ from repblend.stages.toydata import make_toy_dataset
 from tiny import STABLE_LRS, TINY_ENCODERS, TINY_PROBLEM
 
 TINY = [*TINY_ENCODERS, *TINY_PROBLEM, "distill.space=feature", "distill.iterations=6", *STABLE_LRS,
-        "distill.lr_teacher=0.01", "eval.num_eval=2", "eval.epochs=5", "run.device=cpu"]
+        "distill.lr_teacher=0.01", "eval.num_eval=2", "eval.epochs=5", "run.device=cpu", "tune.short_iterations=4",
+        "tune.report_every=2"]
 
 
 def test_params_reach_the_config():
@@ -41,6 +42,15 @@ def test_tune_refuses_to_run_without_ray(tmp_path, capsys):
     assert not (tmp_path / "run" / "buffer").exists()
 
 
+def test_tune_refuses_trials_longer_than_the_full_run(tmp_path, capsys):
+    code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={tmp_path / 'none'}",
+                 "--run-dir", str(tmp_path / "run"), *TINY, "tune.short_iterations=8", "tune.report_every=4"])
+    assert code == 2
+    assert ("tune.short_iterations=8 is longer than the full-length run it shortens (distill.iterations=6): set "
+            "tune.short_iterations to at most 6") in capsys.readouterr().err
+    assert not (tmp_path / "run" / "buffer").exists()
+
+
 @pytest.mark.ray
 def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_path, capfd, caplog):
     toy = make_toy_dataset(tmp_path / "toy", n_train=30, n_dev=8, size=32)
@@ -48,8 +58,7 @@ def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_p
     with caplog.at_level(logging.INFO, logger="repblend"):
         code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={toy}",
                      f"cache.dir={tmp_path / 'c'}", "--run-dir", str(run_dir), *TINY, "data.val_images=6",
-                     "tune.num_samples=4", "tune.short_iterations=4", "tune.report_every=2",
-                     "tune.max_concurrent_trials=2"])
+                     "tune.num_samples=4", "tune.max_concurrent_trials=2"])
     output = capfd.readouterr()
     assert code == 0, output.err
     # where each trial's TensorBoard events are, and no command pointing at Ray's session folder, which has none
@@ -85,8 +94,8 @@ def test_small_search_completes_and_compares_with_the_default(ray_session, tmp_p
     made = (run_dir / "config.yaml").read_text()
     assert json.loads((run_dir / "tune_identity.json").read_text())["tune"]["num_samples"] == 4
     code = main(["tune", "--config", "configs/flickr8k_100.yaml", f"data.root={toy}", f"cache.dir={tmp_path / 'c'}",
-                 "--run-dir", str(run_dir), *TINY, "data.val_images=6", "tune.num_samples=6", "tune.short_iterations=4",
-                 "tune.report_every=2", "tune.max_concurrent_trials=2"])
+                 "--run-dir", str(run_dir), *TINY, "data.val_images=6", "tune.num_samples=6",
+                 "tune.max_concurrent_trials=2"])
     assert code == 2
     assert (f"repblend tune: error: {run_dir} holds a search with other settings (tune.num_samples 4 there, 6 here)"
             in capfd.readouterr().err)
