@@ -269,8 +269,13 @@ def train_expert_files(config: Config, buffer_dir: Path, group: list[int], cache
         trajs = train_experts(train_images, train.text_features, train.caption_to_image, settings, seeds, device)
     else:
         (seed,) = seeds
+
+        def progress(total_steps: int):  # an encoder expert: minutes an epoch on a CPU (head experts: seconds)
+            return progress_bar(total_steps, desc=f"buffer: LoRS expert {group[0]} training", unit="step",
+                                enabled=config.run.progress, every=config.run.progress_every)
+
         trajs = [train_expert(train_images, train.text_features, train.caption_to_image, settings, seed, device,
-                              encoder=backbone, feature_dim=img_dim)]
+                              encoder=backbone, feature_dim=img_dim, progress=progress if backbone else None)]
     paths = []
     for k, seed, traj in zip(group, seeds, trajs):
         last = max(traj.image)

@@ -10,11 +10,13 @@ head on features, and a text head into the encoder's feature space (stages/lors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,8 @@ from repblend.stages.heads import DualHeads, HeadSpec, heads_sgd, similarity_log
 from repblend.stages.io import write_json, write_tensors
 from repblend.stages.losses import clip_loss
 
+
+ProgressFactory = Callable[[int], Any]  # total steps -> a progress bar (stages/progress.py) to update per step
 
 _MASK_SEED_OFFSET = 7_777_777  # train_experts' dropout generators: apart from the seeds' data-order generators
 
@@ -76,11 +80,13 @@ def expert_model(img_dim: int, txt_dim: int, settings: ExpertSettings, generator
 
 def train_expert(image_inputs: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
                  settings: ExpertSettings, seed: int, device: str | torch.device = "cpu",
-                 encoder: nn.Module | None = None, feature_dim: int | None = None) -> Trajectory:
+                 encoder: nn.Module | None = None, feature_dim: int | None = None,
+                 progress: ProgressFactory | None = None) -> Trajectory:
     """Train one expert with the symmetric CLIP loss, one sample per caption (ALGORITHMS.md section 2).
 
     `image_inputs` are cached features, or with `encoder` (LoRS: a backbone giving `feature_dim`-d features)
-    the pixels of every image."""
+    the pixels of every image. `progress(total_steps)` gives the bar its steps advance: an encoder expert on a CPU
+    takes minutes an epoch."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks inside the module
@@ -106,27 +112,34 @@ def train_expert(image_inputs: torch.Tensor, text_features: torch.Tensor, captio
     n = txt_all.shape[0]
     _sgd_epochs(min(settings.epochs, max(keep)), n, settings.batch_size,
                 lambda: torch.randperm(n, generator=generator).to(device), loss_of, optimizer, snapshot,
-                f"expert with seed {seed}")
+                f"expert with seed {seed}", progress)
     return traj
 
 
 def _sgd_epochs(epochs: int, n: int, batch_size: int, draw_order: Callable[[], torch.Tensor],
                 loss_of: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                snapshot: Callable[[int], None], who: str) -> None:
+                snapshot: Callable[[int], None], who: str, progress: ProgressFactory | None = None) -> None:
     """Epochs of SGD over `n` captions in the drawn order (drop_last, as the references), a snapshot after each
     (epoch 0 included); `draw_order` gives [n] or, for experts trained together, [E, n]."""
+    steps = max(1, n // batch_size)
     snapshot(0)
-    for epoch in range(1, epochs + 1):
-        order = draw_order()
-        for step in range(max(1, n // batch_size)):
-            loss = loss_of(order[..., step * batch_size:(step + 1) * batch_size])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if not math.isfinite(loss.item()):  # one host sync per epoch, not per step
-            raise DivergenceError(f"{who} diverged: loss {loss.item()} at epoch {epoch}; lower buffer.lr_teacher_img / "
-                                  "buffer.lr_teacher_txt")
-        snapshot(epoch)
+    with contextlib.nullcontext() if progress is None else progress(epochs * steps) as bar:
+        for epoch in range(1, epochs + 1):
+            order = draw_order()
+            for step in range(steps):
+                loss = loss_of(order[..., step * batch_size:(step + 1) * batch_size])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if bar is not None:
+                    bar.update(1)
+            last = loss.item()  # one host sync per epoch, not per step
+            if not math.isfinite(last):
+                raise DivergenceError(f"{who} diverged: loss {last} at epoch {epoch}; lower buffer.lr_teacher_img / "
+                                      "buffer.lr_teacher_txt")
+            if bar is not None:
+                bar.set_postfix(epoch=epoch, loss=f"{last:.4f}")
+            snapshot(epoch)
 
 
 def train_experts(image_features: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,

@@ -140,3 +140,27 @@ def test_a_diverging_expert_stops_with_one_line_naming_it_and_the_lrs_to_lower(b
     assert isinstance(info.value, RepblendError) and "\n" not in message
     assert ("experts with seeds [4, 5] diverged" if batched else "expert with seed 4 diverged") in message
     assert "lower buffer.lr_teacher_img / buffer.lr_teacher_txt" in message
+
+
+def test_an_expert_advances_its_progress_per_step_and_shows_each_epochs_loss(caplog):
+    """An encoder expert takes minutes an epoch on a CPU: its bar counts steps; the result is the same without it."""
+    import logging
+
+    from repblend.stages.progress import LogProgress
+
+    caplog.set_level(logging.INFO, logger="repblend")
+    img, txt, c2i = _data(n_img=20)  # 60 captions, batches of 16: 3 steps an epoch (drop_last)
+    settings = dataclasses.replace(SETTINGS, keep_epochs=(0, 1, 2))
+    bars = []
+
+    def progress(total):
+        bars.append(LogProgress(total, desc="buffer: LoRS expert 4 training", unit="step", every=1e9))
+        return bars[-1]
+
+    shown = train_expert(img, txt, c2i, settings, seed=3, progress=progress)
+    plain = train_expert(img, txt, c2i, settings, seed=3)
+    for epoch in plain.image:
+        assert torch.equal(shown.image[epoch], plain.image[epoch]) and torch.equal(shown.text[epoch], plain.text[epoch])
+    assert len(bars) == 1 and bars[0].total == bars[0].n == 6  # epochs 1-2 (the last kept), 3 steps each
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "repblend"]  # the closing line
+    assert line.startswith("buffer: LoRS expert 4 training: 6/6 step (100%), ") and "; epoch=2 loss=" in line

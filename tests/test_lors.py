@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -259,13 +260,18 @@ def toy(tmp_path_factory):
     return make_toy_dataset(tmp_path_factory.mktemp("toy"), n_train=24, n_dev=8, size=32)
 
 
-def test_run_tables_the_lors_baseline_beside_repblend(toy, tmp_path, capsys):
+def test_run_tables_the_lors_baseline_beside_repblend(toy, tmp_path, capsys, caplog):
     run_dir = tmp_path / "run"
     overrides = [f"data.root={toy}", f"cache.dir={tmp_path / 'cache'}", *TINY_ENCODERS, *TINY_PROBLEM, *STABLE_LRS,
                  "distill.space=pixel", "distill.iterations=3", "eval.num_eval=1", "eval.epochs=3",
                  "eval.methods=[lors,random]", "ray.enabled=false"]
-    assert main(["run", "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--run-dir", str(run_dir),
-                 *overrides, "eval.full_epochs=1"]) == 0
+    with caplog.at_level(logging.INFO, logger="repblend"):
+        assert main(["run", "--config", str(ROOT / "configs/flickr8k_100.yaml"), "--run-dir", str(run_dir),
+                     *overrides, "eval.full_epochs=1", "run.progress=true", "run.progress_every=0"]) == 0
+    # an encoder expert (minutes an epoch on a CPU) shows its steps; the head experts (seconds) only their recall
+    trained = [r.getMessage() for r in caplog.records if "training: " in r.getMessage()]
+    assert trained and all(line.startswith("buffer: LoRS expert ") for line in trained), trained
+    assert any(" step (100%), " in line and "; epoch=" in line for line in trained), trained
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["methods"]) == {"repblend", "init", "lors", "random"}
     assert "asymmetric" in results["notes"]["lors"] and "lors" in results["diagnostics"]
