@@ -275,7 +275,8 @@ def train_expert_files(config: Config, buffer_dir: Path, group: list[int], cache
                                 enabled=config.run.progress, every=config.run.progress_every)
 
         trajs = [train_expert(train_images, train.text_features, train.caption_to_image, settings, seed, device,
-                              encoder=backbone, feature_dim=img_dim, progress=progress if backbone else None)]
+                              encoder=backbone, feature_dim=img_dim,
+                              progress=None if backbone is None else progress)]
     paths = []
     for k, seed, traj in zip(group, seeds, trajs):
         last = max(traj.image)
