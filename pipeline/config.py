@@ -649,6 +649,12 @@ def _validated(cfg: DictConfig, origin: str) -> Config:
         raise _friendly(exc, origin) from exc
 
 
+# a setting's default from when it was added, where the default has changed since: a run record (an identity) that
+# lacks the key predates the setting and was made with this value, not today's default. Changing a default? Add the
+# old one here, or run directories made before will be continued under the new behaviour.
+FIRST_DEFAULTS: dict[str, Any] = {"distill.grad_clip": 0.0}
+
+
 def flat_keys(tree: dict, prefix: str = "", leaves: tuple[str, ...] = ()) -> dict[str, Any]:
     """A nested mapping (a config as a dict, an identity) as {"a.b.c": value}; keys in `leaves` stay whole."""
     out: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from repblend.pipeline.config import Config, flat_keys, to_dict, to_yaml
+from repblend.pipeline.config import FIRST_DEFAULTS, Config, flat_keys, to_dict, to_yaml
 from repblend.stages.encode import (EncoderIdentity, FeatureCache, cache_location, check_cache, encode_split,
                                    parts_dir)
 from repblend.stages.errors import CacheError, ConfigError, DataError, RepblendError
@@ -457,16 +457,11 @@ def claim_tune_dir(config: Config, run_dir: Path, *, record: bool = True) -> Non
     claim_dir(run_dir / "tune_identity.json", tune_identity(config), "a search", record=record)
 
 
-# settings whose default changed after they were added: a record that lacks one was written before the setting
-# existed, so it was made with the setting's first default, not today's
-_FIRST_DEFAULTS = {"distill.grad_clip": 0.0}
-
-
 @functools.cache
 def _absent_means() -> dict:
     """What a record lacking a config key was made with, dotted, as an identity records it (JSON: lists, not tuples):
-    the setting's default, or its first default where that has changed since."""
-    return {**flat_keys(json.loads(json.dumps(to_dict(Config())))), **_FIRST_DEFAULTS}
+    the setting's default, or its first default where that has changed since (config.FIRST_DEFAULTS)."""
+    return {**flat_keys(json.loads(json.dumps(to_dict(Config())))), **FIRST_DEFAULTS}
 
 
 def differing_keys(recorded: dict, now: dict) -> list[tuple[str, object, object]]:

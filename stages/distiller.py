@@ -255,8 +255,8 @@ class Distiller:
         """Scale down a group's gradient whose norm exceeds grad_clip x the running mean of its (clipped) norms; the
         mean starts at a group's first non-zero norm and follows with weight 0.1. On the device, no host sync."""
         groups = [[p.grad for p in group["params"] if p.grad is not None] for group in self.optimizer.param_groups]
-        zero = torch.zeros((), device=self.device)
-        norms = torch.stack([get_total_norm(grads).float() if grads else zero for grads in groups])
+        norms = torch.stack([get_total_norm(grads).float() if grads else torch.zeros((), device=self.device)
+                             for grads in groups])
         mean = norms if self._grad_mean is None else torch.where(self._grad_mean > 0, self._grad_mean, norms)
         cap = self.outer.grad_clip * mean
         scale = torch.where(torch.isfinite(norms) & (norms > cap), cap / norms, torch.ones_like(norms))

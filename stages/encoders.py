@@ -269,14 +269,15 @@ def encode_texts(encoder: TextEncoder, captions: Sequence[str], batch_size: int 
     lengths = encoder.token_lengths(captions)
     order = sorted(range(len(captions)), key=lambda i: -lengths[i])
     chunk = batch_size * max(1, math.ceil(CHUNK_CAPTIONS / batch_size))
+    on = next(encoder.parameters(), torch.empty(0)).device.type  # what a kept part was made on
     with progress_bar(len(captions), desc=f"encode captions ({encoder.name})", unit="cap", enabled=progress,
                       every=progress_every) as bar:
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
             some = [captions[i] for i in idx]
             made_by = {} if keep is None else {  # what a kept part must match (hashing only where parts are kept)
-                "device": next(encoder.parameters()).device.type, "batch_size": str(batch_size),
-                "captions": str(len(some)), "sha256": hashlib.sha256("\n".join(some).encode()).hexdigest()}
+                "device": on, "batch_size": str(batch_size), "captions": str(len(some)),
+                "sha256": hashlib.sha256("\n".join(some).encode()).hexdigest()}
 
             def make(some: list[str] = some) -> dict[str, torch.Tensor]:
                 feats = []
